@@ -1,0 +1,1 @@
+"""pkt: parametric knowledge transfer between language models (LaTen, PostPKT, evaluation)."""

@@ -1,0 +1,238 @@
+"""Where neurons are scored: the logit-lens read-out, layer scores, FFN and attention neuron scores,
+and `locate()` — exactly as the LaTen reference code computes them (see docs/laten.md).
+
+The reference loops in Python over neurons, one `lm_head` call each. Here the read-out is linear
+given its fixed per-example normaliser `s`, so for a layer with neuron directions `cols: [d, n]`
+and coefficients `c: [B, n]`:
+
+    logits(base + c_i * cols[:, i]) = logits(base) + s * c_i * (W_U (g * cols))[:, i]
+
+one `[n, d] x [d, vocab]` product per layer (shared by all examples), then a chunked log-softmax
+over the vocabulary. `precision="reference"` instead follows the original fp16 path (each candidate
+vector scaled in fp32, cast to fp16, `lm_head` and softmax in fp16), still vectorised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modeling_llama_laten import Trace, decoder_layers, model_shape, trace
+from pkt.io import fail
+
+PRECISIONS = ("fp32", "reference")
+# Elements of the [examples, neurons, vocab] logit block materialised at once (fp32: 4 bytes each).
+CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class Selection:
+    """What `locate` found in one model. Kept layers are in index order; neurons best first."""
+    attn_layers: list[int]            # kept attention layers, sorted by index
+    ffn_layers: list[int]             # kept FFN layers, sorted by index
+    ffn_neurons: torch.Tensor         # [n_layers, ffn_k] long, per kept FFN layer, ranked
+    attn_neurons: torch.Tensor        # [n_layers, attn_k] long, per kept attention layer, ranked
+    attn_layers_ranked: list[int]     # all layers, best first
+    ffn_layers_ranked: list[int]
+    attn_layer_scores: torch.Tensor   # [L]
+    ffn_layer_scores: torch.Tensor    # [L]
+    ffn_scores: torch.Tensor          # [n_layers, ffn] (kept FFN layers in index order)
+    attn_scores: torch.Tensor         # [n_layers, heads*head_dim] (kept attention layers)
+
+    def to_json(self) -> dict:
+        """The reference's selection format (`[layer, neuron]` pairs in selection order)."""
+        def pairs(layers, neurons):
+            return [[l, int(n)] for l, row in zip(layers, neurons.tolist()) for n in row]
+        return {
+            "attn_layers_ranked": self.attn_layers_ranked,
+            "ffn_layers_ranked": self.ffn_layers_ranked,
+            "ffn_neurons": pairs(self.ffn_layers, self.ffn_neurons),
+            "attn_neurons": pairs(self.attn_layers, self.attn_neurons),
+            "ffn_scores": self.ffn_scores.tolist(),
+            "attn_scores": self.attn_scores.tolist(),
+            "attn_layer_scores": self.attn_layer_scores.tolist(),
+            "ffn_layer_scores": self.ffn_layer_scores.tolist(),
+        }
+
+
+# ------------------------------------------------------------------------------------------ read-out
+@dataclass
+class Readout:
+    """The logit lens of one model on one batch: `logits(v) = W_U (g * v * s)`.
+    `g: [d]` final-norm weight (fp32), `W_U: [V, d]` (model dtype), `s: [B]`, `targets: [B]`."""
+    g: torch.Tensor
+    W_U: torch.Tensor
+    s: torch.Tensor
+    targets: torch.Tensor
+    precision: str
+
+    def logp(self, v: torch.Tensor) -> torch.Tensor:
+        """log p(target_b) of read-out vectors `v: [..., B, n, d]`-broadcastable as `[B, n, d]` -> `[B, n]`.
+        fp32: fp32 logits and log_softmax. reference: fp16 lm_head, fp16 softmax, fp16 log."""
+        h = v.float() * self.s[:, None, None] * self.g                       # [B, n, d] fp32
+        t = self.targets[:, None, None].expand(h.shape[0], h.shape[1], 1)
+        if self.precision == "reference":
+            probs = torch.softmax(h.half() @ self.W_U.half().T, dim=-1)
+            return probs.gather(-1, t).squeeze(-1).log()                       # fp16
+        return torch.log_softmax(h @ self.W_U.float().T, dim=-1).gather(-1, t).squeeze(-1)
+
+
+def make_readout(model, tr: Trace, targets: torch.Tensor, precision: str = "fp32") -> Readout:
+    """`s = (sqrt(var(y) + 1e-5) + 1e-6) ** -0.5` per example: the reference's normaliser, with its
+    two quirks (population variance instead of mean square; the std square-rooted again)."""
+    if precision not in PRECISIONS:
+        fail(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    y = tr.y.float()
+    sigma = torch.sqrt(y.var(-1, unbiased=False) + 1e-5)
+    return Readout(g=model.model.norm.weight.float(), W_U=model.lm_head.weight, s=(sigma + 1e-6) ** -0.5,
+                   targets=targets.to(y.device), precision=precision)
+
+
+def _diff(new: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Score difference; in reference precision the subtraction happens in fp16 as in the original."""
+    return (new - base).float()
+
+
+def round4(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x * 1e4) / 1e4
+
+
+# -------------------------------------------------------------------------------------- layer scores
+def layer_scores(ro: Readout, tr: Trace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer attention `logp(x+a) - logp(x)` and FFN `logp(r+f) - logp(r)` scores, summed over
+    examples -> (`attn [L]`, `ffn [L]`)."""
+    x, a = tr.x.float().transpose(0, 1), tr.a.float().transpose(0, 1)       # [B, L, d]
+    r = tr.r.float().transpose(0, 1)                                          # the model's own residual
+    attn = _diff(ro.logp(x + a), ro.logp(x))
+    ffn = _diff(ro.logp(r + tr.f.float().transpose(0, 1)), ro.logp(r))
+    return attn.sum(0), ffn.sum(0)
+
+
+# ------------------------------------------------------------------------------------- neuron scores
+def neuron_scores(ro: Readout, base: torch.Tensor, coef: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Scores of adding neuron i's contribution `coef[b, i] * cols[:, i]` to `base[b]`:
+    `logp(base + contribution) - logp(base)`, rounded to 4 decimals, per example -> `[B, n]`.
+
+    `base: [B, d]`, `coef: [B, n]`, `cols: [d, n]` (down_proj or o_proj weight)."""
+    B, n = coef.shape
+    V = ro.W_U.shape[0]
+    base = base.float()
+    logp0 = ro.logp(base[:, None, :])                                         # [B, 1]
+    out = torch.empty(B, n, device=base.device)
+    step = max(1, CHUNK_ELEMENTS // (B * V))
+    if ro.precision == "fp32":
+        z0 = (base * ro.s[:, None] * ro.g) @ ro.W_U.float().T                 # [B, V]
+        t = ro.targets
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        c = coef[:, lo:hi].float()                                            # [B, k]
+        w = cols[:, lo:hi].float().T                                          # [k, d]
+        if ro.precision == "fp32":
+            P = (w * ro.g) @ ro.W_U.float().T                                 # [k, V], shared by examples
+            z = z0[:, None, :] + (c * ro.s[:, None])[:, :, None] * P[None]    # [B, k, V]
+            new = z.gather(-1, t[:, None, None].expand(B, hi - lo, 1)).squeeze(-1) - torch.logsumexp(z, -1)
+        else:
+            new = ro.logp(base[:, None, :] + c[:, :, None] * w[None])         # [B, k] fp16
+        out[:, lo:hi] = _diff(new, logp0)
+    return round4(out)
+
+
+def ffn_neuron_scores(model, ro: Readout, tr: Trace, layers: list[int]) -> torch.Tensor:
+    """FFN neuron i of layer l: `v_i = m_l[i] * down_proj[:, i]` on top of `r_l`; summed over
+    examples -> `[len(layers), ffn]`."""
+    blocks = decoder_layers(model)
+    return torch.stack([neuron_scores(ro, tr.r[l], tr.m[l], blocks[l].mlp.down_proj.weight).sum(0)
+                        for l in layers]) if layers else torch.empty(0, model_shape(model).ffn)
+
+
+def attn_neuron_scores(model, ro: Readout, tr: Trace, layers: list[int]) -> torch.Tensor:
+    """Attention neuron n = h*head_dim + j of layer l: `attn_w[n] * o_proj[:, n]` on top of the layer
+    input `x_l` (reference quirk), scored on the last example only (reference quirk: the last
+    example's score overwrites the others) -> `[len(layers), heads*head_dim]`."""
+    blocks = decoder_layers(model)
+    last = _last_example(ro)
+    return torch.stack([neuron_scores(last, tr.x[l, -1:], tr.attn_w[l, -1:], blocks[l].self_attn.o_proj.weight)[0]
+                        for l in layers]) if layers else torch.empty(0, model_shape(model).attn_neurons)
+
+
+def _last_example(ro: Readout) -> Readout:
+    return Readout(g=ro.g, W_U=ro.W_U, s=ro.s[-1:], targets=ro.targets[-1:], precision=ro.precision)
+
+
+# ---------------------------------------------------------------------------------------- selection
+def rank_layers(scores: torch.Tensor) -> list[int]:
+    """Best first; equal scores rank the higher layer index first (the reference's
+    `sorted(..., key=score)[::-1]`)."""
+    s = scores.tolist()
+    return sorted(range(len(s)), key=lambda i: (s[i], i), reverse=True)
+
+
+def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`[n_layers, width] -> [n_layers, k]` indices by score, descending; ties by lower index."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def _batch(examples, pad_id: int = 0):
+    """Token-id lists -> left-padded `input_ids[:, :-1]`, mask and targets `ids[-1]`."""
+    rows = [list(map(int, e)) for e in examples]
+    if not rows:
+        fail("locate needs at least one example")
+    for i, r in enumerate(rows):
+        if len(r) < 2:
+            fail(f"example {i} has {len(r)} token(s): need at least 2 (input and target)")
+    n = max(len(r) for r in rows) - 1
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r) + 1:] = torch.tensor(r[:-1])
+        mask[i, n - len(r) + 1:] = 1
+    return ids, mask, torch.tensor([r[-1] for r in rows])
+
+
+def _check_layers(layers, L, flag):
+    for l in layers:
+        if not 0 <= l < L:
+            fail(f"{flag}: layer index {l} out of range: the model has {L} layers")
+    return sorted(layers)
+
+
+@torch.no_grad()
+def locate(model, examples, n_layers: int, ffn_k: int, attn_k: int, precision: str = "fp32",
+           attn_layers: list[int] | None = None, ffn_layers: list[int] | None = None,
+           batch_size: int = 8) -> Selection:
+    """Score layers and neurons of `model` on `examples` (token-id lists; the model reads ids[:-1],
+    the target is ids[-1]); keep the top `n_layers` layers of each ranking (then sorted by index)
+    and the top `ffn_k` / `attn_k` neurons of each kept layer. `attn_layers` / `ffn_layers` force
+    the kept layers (inference locates layers once, then neurons per transfer rate)."""
+    shape = model_shape(model)
+    if not 1 <= n_layers <= shape.layers:
+        fail(f"n_layers {n_layers}: must be in [1, {shape.layers}] for this model")
+    if not 0 <= ffn_k <= shape.ffn:
+        fail(f"ffn_k {ffn_k} larger than the layer's FFN width {shape.ffn}")
+    if not 0 <= attn_k <= shape.attn_neurons:
+        fail(f"attn_k {attn_k} larger than the layer's attention width {shape.attn_neurons}")
+    examples = list(examples)
+    attn_l = torch.zeros(shape.layers)
+    ffn_l = torch.zeros(shape.layers)
+    parts = []
+    for lo in range(0, len(examples), batch_size):
+        ids, mask, targets = _batch(examples[lo:lo + batch_size])
+        tr = trace(model, ids, mask)
+        ro = make_readout(model, tr, targets, precision)
+        a, f = layer_scores(ro, tr)
+        attn_l += a.cpu()
+        ffn_l += f.cpu()
+        parts.append((tr, ro))
+    attn_ranked, ffn_ranked = rank_layers(attn_l), rank_layers(ffn_l)
+    keep_attn = _check_layers(attn_layers, shape.layers, "attn_layers") if attn_layers is not None \
+        else sorted(attn_ranked[:n_layers])
+    keep_ffn = _check_layers(ffn_layers, shape.layers, "ffn_layers") if ffn_layers is not None \
+        else sorted(ffn_ranked[:n_layers])
+
+    ffn_s = sum(ffn_neuron_scores(model, ro, tr, keep_ffn).cpu() for tr, ro in parts)
+    tr, ro = parts[-1]                      # the last example's attention scores win (reference)
+    attn_s = attn_neuron_scores(model, ro, tr, keep_attn).cpu()
+    return Selection(attn_layers=keep_attn, ffn_layers=keep_ffn,
+                     ffn_neurons=top_neurons(ffn_s, ffn_k), attn_neurons=top_neurons(attn_s, attn_k),
+                     attn_layers_ranked=attn_ranked, ffn_layers_ranked=ffn_ranked,
+                     attn_layer_scores=attn_l, ffn_layer_scores=ffn_l, ffn_scores=ffn_s, attn_scores=attn_s)

@@ -1,0 +1,135 @@
+"""JSONL loading with validation, the chat text of the papers, tokenisation and label masking.
+
+The chat format is the Tulu/Open-Instruct one the LaTen and PostPKT code uses
+(`<|user|>\\n...\\n\\n<|assistant|>\\n...`), not the tokenizer's own template, unless a caller asks
+for `use_chat_template`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pkt.io import fail
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+LOCATE_STRIP = '. ")\n,]'  # trailing characters the reference strips before locating
+
+
+def load_jsonl(path, require: tuple[str, ...] = (), allow_empty: bool = False) -> list[dict]:
+    """Read a JSONL file; a bad line or missing field is a one-line error naming file:line:field."""
+    p = Path(path)
+    if not p.is_file():
+        fail(f"{path}: no such file")
+    records = []
+    with open(p) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{n}: not valid JSON ({e.msg})")
+            if not isinstance(rec, dict):
+                fail(f"{path}:{n}: expected a JSON object")
+            for field in require:
+                if field not in rec:
+                    fail(f"{path}:{n}: missing field '{field}'")
+            records.append(rec)
+    if not records and not allow_empty:
+        fail(f"{path}: no records")
+    return records
+
+
+def load_chat_jsonl(path) -> list[dict]:
+    """Chat records `{"messages": [{"role", "content"}, ...]}` ending with an assistant turn."""
+    records = load_jsonl(path, require=("messages",))
+    for n, rec in enumerate(records, 1):
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            fail(f"{path}:{n}: field 'messages' needs at least a user and an assistant turn")
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                fail(f"{path}:{n}: field 'messages' has an entry without a valid role/content")
+        if msgs[-1]["role"] != "assistant":
+            fail(f"{path}:{n}: field 'messages' must end with an assistant turn")
+    return records
+
+
+def chat_turn(role: str, content: str) -> str:
+    return f"<|{role}|>\n{content.strip()}\n\n"
+
+
+def chat_prompt_response(messages: list[dict], eos: str | None = None) -> tuple[str, str]:
+    """(prompt, response) text. The prompt ends with `<|assistant|>\\n`; the response is the last turn
+    followed by "\\n\\n" (LaTen) or by `eos` (PostPKT ends the assistant turn with the EOS string)."""
+    prompt = "".join(chat_turn(m["role"], m["content"]) for m in messages[:-1]) + "<|assistant|>\n"
+    last = messages[-1]["content"].strip()
+    return prompt, last + (eos if eos is not None else "\n\n")
+
+
+def template_prompt_response(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """Same split using the tokenizer's own chat template (`--use_chat_template`)."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        fail("the tokenizer's chat template does not extend the prompt with the reply; drop --use_chat_template")
+    return prompt, full[len(prompt):]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def locate_ids(tokenizer, messages: list[dict], use_chat_template: bool = False) -> list[int]:
+    """Token ids the attribution reads: prompt + response stripped of trailing punctuation, no BOS/EOS.
+    The model reads ids[:-1]; ids[-1] is the scored target."""
+    if use_chat_template:
+        prompt, _ = template_prompt_response(tokenizer, messages)
+    else:
+        prompt, _ = chat_prompt_response(messages)
+    ids = encode(tokenizer, prompt + messages[-1]["content"].strip().rstrip(LOCATE_STRIP))
+    if len(ids) < 2:
+        fail("example has fewer than 2 tokens: nothing to score")
+    return ids
+
+
+def tokenize_example(tokenizer, messages: list[dict], cutoff_len: int = 768, train_on_inputs: bool = False,
+                     eos_response: bool = False, use_chat_template: bool = False) -> dict:
+    """input_ids/labels (unpadded lists) as the reference: no BOS, truncate at cutoff_len, EOS appended
+    when shorter, labels -100 over the prompt unless train_on_inputs."""
+    if use_chat_template:
+        prompt, response = template_prompt_response(tokenizer, messages)
+    else:
+        prompt, response = chat_prompt_response(messages, eos=tokenizer.eos_token if eos_response else None)
+    ids = encode(tokenizer, prompt + response)[:cutoff_len]
+    eos = tokenizer.eos_token_id
+    if len(ids) < cutoff_len and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    labels = list(ids)
+    if not train_on_inputs:
+        n_prompt = min(len(encode(tokenizer, prompt)), len(ids))
+        labels[:n_prompt] = [IGNORE] * n_prompt
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate_left(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad to the longest example (the reference pads to cutoff_len; RoPE is relative and pads
+    are masked, so the loss is the same) -> input_ids, attention_mask, labels `[batch, seq]`."""
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, n - k:] = torch.tensor(b["input_ids"])
+        labels[i, n - k:] = torch.tensor(b["labels"])
+        mask[i, n - k:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def task_split(task: str, split: str, data_dir="data") -> Path:
+    """data/<task>/<task>_<split>_split.jsonl (split in extract, align, train)."""
+    return Path(data_dir) / task / f"{task}_{split}_split.jsonl"
