@@ -59,7 +59,8 @@ class Selection:
 @dataclass
 class Readout:
     """The logit lens of one model on one batch: `logits(v) = W_U (g * v * s)`.
-    `g: [d]` final-norm weight (fp32), `W_U: [V, d]` (model dtype), `s: [B]`, `targets: [B]`."""
+    `g: [d]` final-norm weight (fp32), `W_U: [V, d]` (fp32, or fp16 in reference precision),
+    `s: [B]`, `targets: [B]`."""
     g: torch.Tensor
     W_U: torch.Tensor
     s: torch.Tensor
@@ -72,9 +73,9 @@ class Readout:
         h = v.float() * self.s[:, None, None] * self.g                       # [B, n, d] fp32
         t = self.targets[:, None, None].expand(h.shape[0], h.shape[1], 1)
         if self.precision == "reference":
-            probs = torch.softmax(h.half() @ self.W_U.half().T, dim=-1)
+            probs = torch.softmax(h.half() @ self.W_U.T, dim=-1)
             return probs.gather(-1, t).squeeze(-1).log()                       # fp16
-        return torch.log_softmax(h @ self.W_U.float().T, dim=-1).gather(-1, t).squeeze(-1)
+        return torch.log_softmax(h @ self.W_U.T, dim=-1).gather(-1, t).squeeze(-1)
 
 
 def make_readout(model, tr: Trace, targets: torch.Tensor, precision: str = "fp32") -> Readout:
@@ -84,7 +85,9 @@ def make_readout(model, tr: Trace, targets: torch.Tensor, precision: str = "fp32
         fail(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     y = tr.y.float()
     sigma = torch.sqrt(y.var(-1, unbiased=False) + 1e-5)
-    return Readout(g=model.model.norm.weight.float(), W_U=model.lm_head.weight, s=(sigma + 1e-6) ** -0.5,
+    W_U = model.lm_head.weight.detach()
+    W_U = W_U.half() if precision == "reference" else W_U.float()        # one copy, reused by every score
+    return Readout(g=model.model.norm.weight.detach().float(), W_U=W_U, s=(sigma + 1e-6) ** -0.5,
                    targets=targets.to(y.device), precision=precision)
 
 
@@ -121,14 +124,14 @@ def neuron_scores(ro: Readout, base: torch.Tensor, coef: torch.Tensor, cols: tor
     out = torch.empty(B, n, device=base.device)
     step = max(1, CHUNK_ELEMENTS // (B * V))
     if ro.precision == "fp32":
-        z0 = (base * ro.s[:, None] * ro.g) @ ro.W_U.float().T                 # [B, V]
+        z0 = (base * ro.s[:, None] * ro.g) @ ro.W_U.T                         # [B, V]
         t = ro.targets
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         c = coef[:, lo:hi].float()                                            # [B, k]
         w = cols[:, lo:hi].float().T                                          # [k, d]
         if ro.precision == "fp32":
-            P = (w * ro.g) @ ro.W_U.float().T                                 # [k, V], shared by examples
+            P = (w * ro.g) @ ro.W_U.T                                         # [k, V], shared by examples
             z = z0[:, None, :] + (c * ro.s[:, None])[:, :, None] * P[None]    # [B, k, V]
             new = z.gather(-1, t[:, None, None].expand(B, hi - lo, 1)).squeeze(-1) - torch.logsumexp(z, -1)
         else:

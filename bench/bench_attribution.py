@@ -1,0 +1,165 @@
+"""Per-example time and peak memory of `locate` (layers + FFN + attention neurons).
+
+    python bench/bench_attribution.py                 # CPU: hidden 1024 / ffn 2752 / 16 layers / vocab 512
+    python bench/bench_attribution.py --device cuda   # + Llama-2-7B and 13B shapes, random bf16 weights
+    python bench/bench_attribution.py --dry_run       # memory / FLOP plan at Llama-2 shapes (meta device)
+
+The baseline is the original's per-neuron loop (one read-out per neuron), timed on a sample of
+neurons and extrapolated to all of them; the floor is the one `[vocab, d] x [d, ffn]` product per
+layer that exact per-neuron scores need.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from modeling_llama_laten import trace  # noqa: E402
+from pkt.attribution import locate, make_readout  # noqa: E402
+
+SHAPES = {
+    "cpu-1024": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=16, num_attention_heads=16,
+                     num_key_value_heads=16, vocab_size=512),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000),
+}
+STUDENT = {"cpu-1024": SHAPES["cpu-1024"], "llama-2-7b": SHAPES["llama-2-7b"], "llama-2-13b": SHAPES["llama-2-7b"]}
+
+
+def build(shape: str, device: str, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, initializer_range=0.02)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def slow_loop_seconds(model, ids, n_sample: int = 64) -> float:
+    """The original's loop: one read-out (lm_head + softmax + log) per neuron; sampled, extrapolated."""
+    tr = trace(model, ids[:, :-1])
+    ro = make_readout(model, tr, ids[:, -1])
+    L, ffn, d = tr.m.shape[0], tr.m.shape[-1], tr.x.shape[-1]
+    W, g, s, t = model.lm_head.weight.float(), ro.g, ro.s[0], ids[0, -1]
+    down = model.model.layers[0].mlp.down_proj.weight.float()
+    r = tr.r[0, 0].float()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(n_sample):
+            v = r + tr.m[0, 0, i].float() * down[:, i]
+            logits = W @ (v * s * g)
+            _ = round((torch.log(torch.softmax(logits, -1)[t]) - 0.0).item(), 4)
+    per_neuron = (time.perf_counter() - t0) / n_sample
+    return per_neuron * L * (ffn + d)
+
+
+def gemm_floor_seconds(model, device) -> float:
+    """One `[V, d] x [d, ffn + d]` fp32 product per layer: what exact per-neuron scores cannot avoid."""
+    V, d = model.lm_head.weight.shape
+    ffn, L = model.config.intermediate_size, model.config.num_hidden_layers
+    a = torch.randn(V, d, device=device)
+    b = torch.randn(d, ffn + d, device=device)
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(L):
+        a @ b
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def run_shape(shape, device, dtype, seq_len, repeats=3, with_loop=True):
+    model = build(shape, device, dtype)
+    student = STUDENT[shape]
+    n_layers = student["num_hidden_layers"]
+    ffn_k, attn_k = int(student["intermediate_size"] * 0.1), int(student["hidden_size"] * 0.1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), generator=g)
+    locate(model, ids.tolist(), n_layers, ffn_k, attn_k)            # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        locate(model, ids.tolist(), n_layers, ffn_k, attn_k)
+    sync(device)
+    sec = (time.perf_counter() - t0) / repeats
+    extra = (torch.cuda.max_memory_allocated() - base_mem) / 2**30 if device.startswith("cuda") else float("nan")
+    model_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    t0 = time.perf_counter()
+    trace(model, ids[:, :-1].to(device))
+    sync(device)
+    fwd = time.perf_counter() - t0
+    # the loop needs the same forward pass: count it on both sides
+    loop = fwd + slow_loop_seconds(model, ids.to(device)) if with_loop else float("nan")
+    floor = gemm_floor_seconds(model, device)
+    return dict(shape=shape, device=device, dtype=str(dtype).replace("torch.", ""), seq_len=seq_len,
+                locate_s=sec, forward_s=fwd, loop_s=loop, speedup=loop / sec, gemm_floor_s=floor, model_gb=model_gb,
+                extra_peak_gb=extra)
+
+
+def dry_run(seq_len: int = 512):
+    """Memory and FLOPs of locate at Llama-2 shapes, from meta-device models (nothing allocated)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rows = []
+    for shape in ("llama-2-7b", "llama-2-13b"):
+        cfg = LlamaConfig(**SHAPES[shape])
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        P = sum(p.numel() for p in model.parameters())
+        V, d, ffn, L = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+        n_keep = STUDENT[shape]["num_hidden_layers"]
+        fwd = 2 * P * seq_len
+        readout = 2 * V * d * (ffn + d) * n_keep
+        chunk_gb = (1 << 26) * 4 * 2 / 2**30                      # [k, V] product + logsumexp temp
+        wu32 = V * d * 4 / 2**30
+        rows.append(dict(shape=shape, params_b=P / 1e9, bf16_model_gb=P * 2 / 2**30, forward_tflop=fwd / 1e12,
+                         readout_tflop=readout / 1e12, extra_gb=wu32 + chunk_gb + V * d * 4 * 0 / 2**30))
+    print("| shape | params (B) | bf16 model GB | forward TFLOP | read-out TFLOP | extra GB (W_U fp32 + chunk) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['params_b']:.2f} | {r['bf16_model_gb']:.1f} | {r['forward_tflop']:.1f} | "
+              f"{r['readout_tflop']:.0f} | {r['extra_gb']:.2f} |")
+    return rows
+
+
+def main(device: str = "cpu", seq_len: int = 128, gpu_seq_len: int = 512, dry_run_only: bool = False,
+         dry_run: bool = False, threads: int | None = None):
+    if threads:
+        torch.set_num_threads(threads)
+    if dry_run or dry_run_only:
+        globals()["dry_run"](gpu_seq_len)
+        if dry_run_only:
+            return
+    rows = [run_shape("cpu-1024", "cpu", torch.float32, seq_len)]
+    if device.startswith("cuda"):
+        for shape in ("llama-2-7b", "llama-2-13b"):
+            rows.append(run_shape(shape, device, torch.bfloat16, gpu_seq_len))
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+    print(f"\nlocate, one example; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; {name}")
+    print("| shape | device | dtype | tokens | locate s | of which forward s | per-neuron loop s (extrapolated) | "
+          "speed-up | read-out GEMM floor s | model GB | extra peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['device']} | {r['dtype']} | {r['seq_len']} | {r['locate_s']:.3f} | "
+              f"{r['forward_s']:.3f} | {r['loop_s']:.1f} | {r['speedup']:.0f}x | {r['gemm_floor_s']:.3f} | {r['model_gb']:.1f} | "
+              f"{r['extra_peak_gb']:.2f} |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
