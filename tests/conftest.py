@@ -16,50 +16,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-
-def make_tokenizer():
-    """A real fast tokenizer with no download: byte-level BPE over a tiny trained vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["<|user|>\n<|assistant|>\n<|system|>\n Question: Answer: the answer is 42. def f(x): return x + 1",
-              "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] , . : ; \" ' # A B C D"] * 4
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
-
-
-def make_llama(hidden=64, ffn=160, layers=3, heads=4, kv_heads=None, vocab=300, seed=0, std=0.05):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=vocab,
-                      max_position_embeddings=512, initializer_range=std, bos_token_id=0, eos_token_id=1,
-                      pad_token_id=1, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def make_qwen2(hidden=64, ffn=160, layers=3, heads=4, kv_heads=2, vocab=300, seed=0, std=0.05):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                      max_position_embeddings=512, initializer_range=std, bos_token_id=0, eos_token_id=1,
-                      pad_token_id=1, tie_word_embeddings=False)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def save_model(model, tokenizer, path) -> str:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+from pkt.testing import make_llama, make_qwen2, make_tokenizer, save_model  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

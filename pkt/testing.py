@@ -1,0 +1,61 @@
+"""Tiny random models and a trained-in-code tokenizer: no downloads. Used by the tests and by
+`demo.sh --quick`, which checks the whole pipeline's wiring in seconds."""
+from __future__ import annotations
+
+import torch
+
+
+def make_tokenizer():
+    """A real fast tokenizer with no download: byte-level BPE over a tiny trained vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["<|user|>\n<|assistant|>\n<|system|>\n Question: Answer: the answer is 42. def f(x): return x + 1",
+              "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] , . : ; \" ' # A B C D"] * 4
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def make_llama(hidden=64, ffn=160, layers=3, heads=4, kv_heads=None, vocab=300, seed=0, std=0.05):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=vocab,
+                      max_position_embeddings=512, initializer_range=std, bos_token_id=0, eos_token_id=1,
+                      pad_token_id=1, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_qwen2(hidden=64, ffn=160, layers=3, heads=4, kv_heads=2, vocab=300, seed=0, std=0.05):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                      max_position_embeddings=512, initializer_range=std, bos_token_id=0, eos_token_id=1,
+                      pad_token_id=1, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def save_model(model, tokenizer, path) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_pair(out_dir) -> tuple[str, str]:
+    """A tiny teacher (4 layers, width 96) and student (3 layers, width 64) with one tokenizer."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    tok = make_tokenizer()
+    teacher = save_model(make_llama(hidden=96, ffn=256, layers=4, heads=4, seed=1), tok, out / "teacher")
+    student = save_model(make_llama(hidden=64, ffn=160, layers=3, heads=4, seed=2), tok, out / "student")
+    return teacher, student
