@@ -1,0 +1,1 @@
+"""Figure scripts used by demo.sh (matplotlib, Agg backend, PNG)."""

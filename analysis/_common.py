@@ -1,0 +1,52 @@
+"""Shared plumbing for the figure scripts: repo on sys.path, Agg backend, atomic PNG writes."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+from pkt.io import atomic_path, fail  # noqa: E402
+
+
+def read_json(path, what: str):
+    p = Path(path)
+    if not p.is_file():
+        fail(f"{what} {p}: no such file")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        fail(f"{what} {p}: not JSON ({e})")
+
+
+def read_jsonl(path, what: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        fail(f"{what} {p}: no such file")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            fail(f"{what} {p}: line {n} is not JSON")
+    return rows
+
+
+def save_fig(fig, out) -> str:
+    """Write `fig` as PNG to `out` atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return str(out)

@@ -1,0 +1,212 @@
+"""Seconds per LaTen optimizer step and peak memory, with the training loop's own functions.
+
+One step = locate(teacher) + locate(student) on one example, extract, align_step over n_align+1 align
+micro-batches (translate once, inject, LM loss + 1000 MSE, backward), AdamW step, checkpoint save.
+
+    python bench/bench_laten_step.py                      # CPU, small random models built in code
+    python bench/bench_laten_step.py --dry_run            # memory plan at Llama-2 13B -> 7B (meta device)
+    python bench/bench_laten_step.py --device cuda        # 13B -> 7B shapes, random bf16 weights, one GPU
+
+Target: 13B -> 7B on one 80 GB GPU, <= 75 GB peak, <= 10 s/step.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from knowledge_translator import KnowledgeTranslator  # noqa: E402
+from modeling_llama_laten import model_shape  # noqa: E402
+from pkt.attribution import locate  # noqa: E402
+from pkt.io import fail, run_cli  # noqa: E402
+from pkt.transfer import check_pair, extract, neuron_counts  # noqa: E402
+from train_LaTen import align_step, enable_checkpointing, freeze  # noqa: E402
+
+GB = 1024 ** 3
+LLAMA2 = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+          "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)}
+SMALL = {"teacher": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+         "student": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4)}
+
+
+def config(shape: dict, vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], vocab_size=vocab,
+                       max_position_embeddings=4096, initializer_range=0.02, tie_word_embeddings=False,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def build(shape: dict, vocab: int, device, dtype):
+    """A random Llama built directly on `device` (no checkpoint, no download)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config(shape, vocab), dtype=dtype, attn_implementation="sdpa")
+    return freeze(model)
+
+
+def fake_batches(n: int, seq: int, vocab: int, micro: int, gen):
+    """n micro-batched examples of `seq` tokens, labels on the second half (the 'response')."""
+    out = []
+    for lo in range(0, n, micro):
+        b = min(micro, n - lo)
+        ids = torch.randint(3, vocab, (b, seq), generator=gen)
+        labels = ids.clone()
+        labels[:, : seq // 2] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench(device="cpu", steps=None, n_align=None, seq=None, transfer_rate=0.1, micro_batch_size=1,
+          gradient_checkpointing=None, vocab=None, save=True):
+    """Run warm-up + `steps` timed optimizer steps; returns a dict of timings (s) and peak memory (GB)."""
+    cuda = str(device).startswith("cuda")
+    steps = steps or (3 if cuda else 3)
+    n_align = 15 if n_align is None else n_align
+    seq = seq or (768 if cuda else 128)
+    vocab = vocab or (32000 if cuda else 4096)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = (LLAMA2["13b"], LLAMA2["7b"]) if cuda else (SMALL["teacher"], SMALL["student"])
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    t0 = time.time()
+    teacher, student = build(shapes[0], vocab, device, dtype), build(shapes[1], vocab, device, dtype)
+    build_s = time.time() - t0
+    if gradient_checkpointing if gradient_checkpointing is not None else cuda:
+        enable_checkpointing(student)
+    t_shape, s_shape = model_shape(teacher), model_shape(student)
+    ffn_k, attn_k = neuron_counts(s_shape, transfer_rate)
+    check_pair(t_shape, s_shape, ffn_k, attn_k)
+    translator = KnowledgeTranslator(t_shape.hidden, s_shape.hidden).to(device)
+    opt = torch.optim.AdamW(translator.parameters(), lr=3e-4, weight_decay=0.05, betas=(0.9, 0.95))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rows = []
+    tmp = tempfile.TemporaryDirectory()
+    for step in range(steps + 1):                       # step 0 = warm-up, not reported
+        ids = torch.randint(3, vocab, (seq,), generator=gen).tolist()
+        batches = fake_batches(n_align + 1, seq, vocab, micro_batch_size, gen)
+        sync(device)
+        t = {"start": time.time()}
+        t_sel = locate(teacher, [ids], n_layers=s_shape.layers, ffn_k=ffn_k, attn_k=attn_k)
+        s_sel = locate(student, [ids], n_layers=s_shape.layers, ffn_k=ffn_k, attn_k=attn_k)
+        sync(device)
+        t["locate"] = time.time()
+        knowledge = {m: v.to(device) for m, v in extract(teacher, t_sel, translator.modules_).items()}
+        align_step(translator, knowledge, student, s_sel, batches, step=step)
+        sync(device)
+        t["align"] = time.time()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        t["optim"] = time.time()
+        if save:
+            translator.save(Path(tmp.name) / f"checkpoint_{step}")
+            torch.save({"optimizer": opt.state_dict()}, Path(tmp.name) / f"checkpoint_{step}" / "trainer_state.pt")
+        t["save"] = time.time()
+        del knowledge
+        if step:
+            rows.append({"locate": t["locate"] - t["start"], "align": t["align"] - t["locate"],
+                         "optim": t["optim"] - t["align"], "save": t["save"] - t["optim"],
+                         "total": t["save"] - t["start"]})
+    tmp.cleanup()
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / GB
+        reserved = torch.cuda.max_memory_reserved() / GB
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux: KiB
+        reserved = None
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "teacher": shapes[0], "student": shapes[1],
+            "tokens": seq, "examples_per_step": n_align + 1, "micro_batch_size": micro_batch_size,
+            "transfer_rate": transfer_rate, "steps": steps, "build_s": build_s, "mean": mean, "peak_gb": peak,
+            "reserved_gb": reserved}
+
+
+# ------------------------------------------------------------------------------------------ dry run
+def memory_plan(seq=768, n_layers_student=None, transfer_rate=0.1, micro_batch_size=1, vocab=32000):
+    """GB per item at Llama-2 13B -> 7B on one GPU, params from meta-device models, the rest by formula."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        teacher = LlamaForCausalLM(config(LLAMA2["13b"], vocab))
+        student = LlamaForCausalLM(config(LLAMA2["7b"], vocab))
+        translator = KnowledgeTranslator(LLAMA2["13b"]["hidden_size"], LLAMA2["7b"]["hidden_size"])
+    n_t = sum(p.numel() for p in teacher.parameters())
+    n_s = sum(p.numel() for p in student.parameters())
+    n_tr = sum(p.numel() for p in translator.parameters())
+    d_T, d_S = LLAMA2["13b"]["hidden_size"], LLAMA2["7b"]["hidden_size"]
+    L, ffn = LLAMA2["7b"]["num_hidden_layers"], LLAMA2["7b"]["intermediate_size"]
+    ffn_k, attn_k = int(ffn * transfer_rate), int(d_S * transfer_rate)
+    rows_k = L * (2 * ffn_k + 2 * attn_k)          # translated vectors per step: up, down, v, o
+    T, B = seq, micro_batch_size
+    plan = [
+        ("teacher params (bf16)", n_t * 2, f"{n_t / 1e9:.2f} B params"),
+        ("student params (bf16)", n_s * 2, f"{n_s / 1e9:.2f} B params"),
+        ("translator params (fp32)", n_tr * 4, f"{n_tr / 1e6:.1f} M = 4 x ({d_T}x{d_T} + {d_T}x{d_S})"),
+        ("translator grads (fp32)", n_tr * 4, ""),
+        ("AdamW exp_avg + exp_avg_sq (fp32)", n_tr * 8, ""),
+        ("teacher slices (bf16 + fp32 copy)", rows_k * d_T * 6, f"{rows_k} vectors of {d_T}"),
+        ("translator activations (fp32)", rows_k * d_T * 4, "ReLU output kept for backward"),
+        ("translated (shared with detached leaves) + leaf grads (fp32)", rows_k * d_S * 4 * 2,
+         f"{rows_k} vectors of {d_S}"),
+        ("translator backward transients (fp32)", rows_k * d_T * 4, "grad of the ReLU output"),
+        ("student activations, checkpointed (bf16)", L * B * T * d_S * 2, f"{L} layer inputs of {B}x{T}x{d_S}"),
+        ("one recomputed student layer (bf16)", B * T * (6 * d_S + 4 * ffn) * 2, "q,k,v,o,norms + gate,up,act,prod"),
+        ("logits + fp32 loss + grad", B * T * vocab * (2 + 4 + 4), f"{B}x{T}x{vocab}"),
+        ("locate: fp32 lm_head copy + score chunk", vocab * d_T * 4 + 3 * (1 << 26) * 4, "pkt.attribution"),
+    ]
+    return plan
+
+
+def print_plan(plan, budget_gb=75.0):
+    total = sum(b for _, b, _ in plan)
+    print("| item | GB | note |\n|---|---:|---|")
+    for name, b, note in plan:
+        print(f"| {name} | {b / GB:.2f} | {note} |")
+    print(f"| **total (estimate)** | **{total / GB:.2f}** | target <= {budget_gb:.0f} GB on one 80 GB GPU |")
+    return total
+
+
+def print_result(r):
+    shape = lambda s: f"L{s['num_hidden_layers']} d{s['hidden_size']} ffn{s['intermediate_size']}"
+    m = r["mean"]
+    print(f"device: {r['device']}; teacher {shape(r['teacher'])} -> student {shape(r['student'])}; "
+          f"{r['examples_per_step']} examples x {r['tokens']} tokens per step, micro-batch {r['micro_batch_size']}, "
+          f"transfer_rate {r['transfer_rate']}; mean of {r['steps']} steps after 1 warm-up\n")
+    print("| locate (T+S) s | extract+align s | AdamW s | save s | **s/step** | peak GB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    peak = f"{r['peak_gb']:.2f}" + (f" (reserved {r['reserved_gb']:.2f})" if r["reserved_gb"] is not None else
+                                    " (process max RSS)")
+    print(f"| {m['locate']:.3f} | {m['align']:.3f} | {m['optim']:.3f} | {m['save']:.3f} | **{m['total']:.3f}** "
+          f"| {peak} |")
+
+
+def main(device: str = "cpu", dry_run: bool = False, steps: int | None = None, n_align: int | None = None,
+         seq: int | None = None, transfer_rate: float = 0.1, micro_batch_size: int = 1,
+         gradient_checkpointing: bool | None = None, save: bool = True, threads: int | None = None):
+    if threads:
+        torch.set_num_threads(int(threads))
+    if dry_run:
+        print_plan(memory_plan(seq=seq or 768, transfer_rate=transfer_rate, micro_batch_size=micro_batch_size))
+        return
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device")
+    print_result(bench(device, steps, n_align, seq, transfer_rate, micro_batch_size, gradient_checkpointing,
+                       save=save))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,79 @@
+"""The LaTen hypernetwork ("knowledge translator"): maps teacher weight slices to student ones.
+
+One MLP per transferred module, `Linear(d_T, d_T) -> ReLU -> Linear(d_T, d_S)` (no bias, fp32, weights
+N(0, 1e-5)), applied to vectors in the teacher's hidden dimension: the rows of up_proj / v_proj and the
+columns of down_proj / o_proj (transposed in and back out). With the tiny init the first translations
+are ~0, so training starts from the unmodified student.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pkt.io import atomic_dir, fail, save_tensors, write_json
+
+MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
+COLUMN_MODULES = ("down_proj", "o_proj")  # extracted as [n_layers, d, k]: translated along d
+WEIGHTS = "translator.safetensors"
+CONFIG = "translator_config.json"
+
+
+class KnowledgeTranslator(nn.Module):
+    def __init__(self, d_T: int, d_S: int, modules=MODULES, source_model: str = "", target_model: str = "",
+                 transfer_rate: float | None = None, init_std: float = 1e-5):
+        super().__init__()
+        unknown = [m for m in modules if m not in MODULES]
+        if unknown:
+            fail(f"unknown module(s) {', '.join(unknown)}: expected some of {', '.join(MODULES)}")
+        self.d_T, self.d_S = int(d_T), int(d_S)
+        self.modules_ = list(modules)
+        self.source_model, self.target_model, self.transfer_rate = source_model, target_model, transfer_rate
+        self.network = nn.ModuleDict({
+            m: nn.Sequential(nn.Linear(self.d_T, self.d_T, bias=False, dtype=torch.float32), nn.ReLU(),
+                             nn.Linear(self.d_T, self.d_S, bias=False, dtype=torch.float32))
+            for m in self.modules_})
+        for p in self.network.parameters():
+            nn.init.normal_(p, mean=0.0, std=init_std)
+
+    def forward(self, extracted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`extracted[m]`: `[n_layers, k, d_T]` (up/v rows) or `[n_layers, d_T, k]` (down/o columns), any
+        dtype -> the same layout with d_S instead of d_T, in fp32 (on the translator's device)."""
+        device = next(self.parameters()).device
+        out = {}
+        for m in self.modules_:
+            x = extracted[m].to(device=device, dtype=torch.float32)
+            if m in COLUMN_MODULES:
+                out[m] = self.network[m](x.transpose(1, 2)).transpose(1, 2)
+            else:
+                out[m] = self.network[m](x)
+        return out
+
+    def config(self) -> dict:
+        return {"d_T": self.d_T, "d_S": self.d_S, "modules": self.modules_, "source_model": self.source_model,
+                "target_model": self.target_model, "transfer_rate": self.transfer_rate}
+
+    def save(self, directory) -> None:
+        """Write `translator.safetensors` + `translator_config.json` into `directory` (atomically)."""
+        with atomic_dir(directory) as tmp:
+            self.save_into(tmp)
+
+    def save_into(self, directory) -> None:
+        """Same files, written into an existing (e.g. temporary) directory."""
+        save_tensors(Path(directory) / WEIGHTS, self.state_dict())
+        write_json(Path(directory) / CONFIG, self.config())
+
+    @classmethod
+    def load(cls, directory, device=None) -> "KnowledgeTranslator":
+        d = Path(directory)
+        if not (d / WEIGHTS).is_file() or not (d / CONFIG).is_file():
+            fail(f"{directory}: no {WEIGHTS} / {CONFIG} there (not a translator checkpoint)")
+        from safetensors.torch import load_file
+
+        cfg = json.loads((d / CONFIG).read_text())
+        t = cls(cfg["d_T"], cfg["d_S"], cfg["modules"], cfg.get("source_model", ""), cfg.get("target_model", ""),
+                cfg.get("transfer_rate"))
+        t.load_state_dict(load_file(str(d / WEIGHTS)))
+        return t.to(device) if device is not None else t

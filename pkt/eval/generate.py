@@ -1,0 +1,141 @@
+"""Shared generation and scoring for the evaluation tasks: batched HF generation (left-padded,
+prompts sorted by length, greedy or sampled, stop strings), optional vLLM, next-token logits."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+
+def truncate_at_stop(text: str, stop: list[str] | None) -> str:
+    """Cut `text` at the first occurrence of any stop string (the stop string itself is dropped)."""
+    cut = len(text)
+    for s in stop or ():
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+class StopOnStrings(StoppingCriteria):
+    """Per-row stop: a row is done once the decoded tail of its *generated* tokens holds a stop string.
+    Only the last few tokens are decoded each step (enough to cover the longest stop string)."""
+
+    def __init__(self, tokenizer, stop: list[str], prompt_len: int):
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, list(stop), prompt_len
+        self.tail = max(len(s) for s in self.stop) + 4  # tokens hold >= 1 char, plus slack
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        gen = input_ids[:, self.prompt_len:]  # [batch, new]
+        tails = self.tokenizer.batch_decode(gen[:, -self.tail:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in tails], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def _by_length(tokenizer, prompts: list[str]) -> list[int]:
+    """Indices of prompts, longest first (similar lengths share a batch: less padding; OOM shows early)."""
+    lens = [len(x) for x in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    return sorted(range(len(prompts)), key=lambda i: -lens[i])
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, batch_size: int = 8,
+                stop: list[str] | None = None, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                desc: str = "generating", stats: dict | None = None) -> list[list[str]]:
+    """Completions `[len(prompts)][n]` (stop strings cut off). temperature 0 = greedy.
+    `stats`, when given, gets "new_tokens": the generated (non-pad) tokens, for throughput measurements.
+
+    Each prompt is repeated n times, all sequences are sorted by prompt length and generated in
+    left-padded batches of `batch_size` sequences."""
+    tokenizer.padding_side = "left"
+    seqs = [i for i in range(len(prompts)) for _ in range(n)]  # sequence -> prompt index
+    order = _by_length(tokenizer, [prompts[i] for i in seqs])
+    out: list[list[str]] = [[] for _ in prompts]
+    texts = [None] * len(seqs)
+    device = next(model.parameters()).device
+    sample = temperature > 0
+    kw = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+              eos_token_id=tokenizer.eos_token_id)
+    if sample:
+        kw.update(temperature=temperature, top_p=top_p)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        idx = order[b:b + batch_size]
+        enc = tokenizer([prompts[seqs[i]] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=True).to(device)
+        plen = enc["input_ids"].shape[1]
+        crit = StoppingCriteriaList([StopOnStrings(tokenizer, stop, plen)]) if stop else None
+        gen = model.generate(**enc, stopping_criteria=crit, **kw)  # [b, plen + new]
+        if stats is not None:
+            stats["new_tokens"] = stats.get("new_tokens", 0) + int((gen[:, plen:] != tokenizer.pad_token_id).sum())
+        for i, t in zip(idx, tokenizer.batch_decode(gen[:, plen:], skip_special_tokens=True)):
+            texts[i] = truncate_at_stop(t, stop)
+    for i, t in zip(seqs, texts):
+        out[i].append(t)
+    return out
+
+
+def vllm_available() -> bool:
+    """vLLM is used only when it imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def load_vllm(model_path: str, seed: int = 42, dtype: str = "bfloat16", **kwargs):
+    """A vLLM engine (imported lazily: vLLM is optional); kwargs go to vllm.LLM (e.g. gpu_memory_utilization)."""
+    import vllm
+
+    return vllm.LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, **kwargs)
+
+
+def generate_vllm(llm, prompts: list[str], max_new_tokens: int = 512, stop: list[str] | None = None,
+                  n: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 42,
+                  stats: dict | None = None) -> list[list[str]]:
+    """Same contract as generate_hf, through vLLM (which drops the stop string itself)."""
+    import vllm
+
+    params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                 max_tokens=max_new_tokens, stop=stop or None, seed=seed)
+    outs = llm.generate(prompts, params)
+    if stats is not None:
+        stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(o.token_ids) for r in outs for o in r.outputs)
+    return [[truncate_at_stop(o.text, stop) for o in r.outputs] for r in outs]
+
+
+class Generator:
+    """One generation entry point for the tasks, whatever the backend. Holds the loaded model(s)."""
+
+    def __init__(self, model=None, tokenizer=None, llm=None, batch_size: int = 8, seed: int = 42):
+        self.model, self.tokenizer, self.llm = model, tokenizer, llm
+        self.batch_size, self.seed = batch_size, seed
+
+    def __call__(self, prompts: list[str], max_new_tokens: int = 512, stop=None, n: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, desc: str = "generating") -> list[list[str]]:
+        if self.llm is not None:
+            return generate_vllm(self.llm, prompts, max_new_tokens, stop, n, temperature, top_p, self.seed)
+        return generate_hf(self.model, self.tokenizer, prompts, max_new_tokens, self.batch_size, stop, n,
+                           temperature, top_p, desc)
+
+
+@torch.no_grad()
+def next_token_logits(model, tokenizer, prompts: list[str], candidate_ids: list[int], batch_size: int = 8,
+                      desc: str = "scoring") -> torch.Tensor:
+    """Logits `[len(prompts), len(candidate_ids)]` of the candidate tokens right after each prompt."""
+    tokenizer.padding_side = "left"
+    order = _by_length(tokenizer, prompts)
+    out = torch.empty(len(prompts), len(candidate_ids))
+    device = next(model.parameters()).device
+    cand = torch.tensor(candidate_ids, device=device)
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        idx = order[b:b + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=True).to(device)
+        logits = model(**enc).logits[:, -1, :]  # [b, vocab]; left padding puts every prompt's end last
+        out[idx] = logits.index_select(-1, cand).float().cpu()
+    return out

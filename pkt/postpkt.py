@@ -1,0 +1,468 @@
+"""PostPKT (Seeking Neural Nuggets): sensitivity, layer selection, max-sum submatrix, SVD into a LoRA.
+
+Pipeline (see docs/postpkt.md and /work/shared/spec/postpkt.md):
+
+1. `sensitivity`: for each seed example one forward/backward of the teacher, loss on the response
+   tokens; every tracked parameter accumulates `|theta * grad|` in fp32. A post-accumulate-grad hook
+   adds into the accumulator and drops `p.grad` at once, so at most one parameter's gradient is
+   alive at a time (never a second full copy of the gradients).
+2. `select_layers`: a layer's score is the sum over its parameters; keep the n_layers(student) best,
+   ordered by index; kept teacher layer i feeds student layer i.
+3. `max_sum_submatrix`: per weight, the contiguous block of the student's shape with the largest
+   summed sensitivity.
+4. `lora_factors`: SVD in fp32, B = U[:, :r] * S[:r], A = Vh[:r], stored fp16 as a PEFT adapter.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from pkt.data import IGNORE, tokenize_example
+from pkt.io import fail
+
+log = logging.getLogger("pkt.postpkt")
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EMBED_MODULES = ("embed_tokens", "lm_head")
+ALL_MODULES = LINEAR_MODULES + EMBED_MODULES
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Row chunk of the window scan: chunk * width float64 values live at once (a few of them).
+SCAN_CHUNK_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------------------------
+# Max-sum submatrix
+# ----------------------------------------------------------------------------------------------
+
+def max_sum_submatrix(sensitivity: torch.Tensor, rows: int, cols: int,
+                      chunk_elements: int = SCAN_CHUNK_ELEMENTS) -> tuple[int, int]:
+    """Top-left corner (top, left) of the contiguous `rows x cols` block of `sensitivity [H, W]` with the
+    largest sum; ties go to the first block in row-major order of (top, left) (the reference's scan).
+
+    Summed-area idea, streamed: with C[k] = sum(x[:k]) (column sums of the first k rows, float64),
+    the row-window sums are R[t] = C[t + rows] - C[t] for t in [0, H - rows]; a prefix sum of R along
+    the columns then gives every block sum as a difference of two columns. Only the H - rows + 1
+    candidate tops are ever materialised, in chunks of rows, so memory is O(chunk * W) and not a
+    full float64 table of the matrix.
+
+    Ties: every block sum is computed in float64; when the partial sums are exactly representable
+    (integers, or values on a common power-of-two grid, below 2**53) all block sums are exact, so
+    equal blocks compare exactly equal. Within a chunk `torch.argmax` of the flattened
+    `[chunk, W - cols + 1]` window array returns the *first* maximal index, i.e. the first in
+    row-major order; across chunks (scanned top to bottom) a later chunk only wins when strictly
+    greater. For general real values two blocks whose true sums differ by less than float64 rounding
+    (~1e-16 relative) may be ordered by rounding, as in any floating-point scan.
+    """
+    if sensitivity.dim() != 2:
+        fail(f"max_sum_submatrix: expected a 2-D matrix, got shape {tuple(sensitivity.shape)}")
+    H, W = sensitivity.shape
+    rows, cols = int(rows), int(cols)
+    if not (0 < rows <= H and 0 < cols <= W):
+        fail(f"max_sum_submatrix: a {rows}x{cols} block does not fit in a {H}x{W} matrix")
+    x = sensitivity.detach()
+    f64 = torch.float64
+    n_tops, n_lefts = H - rows + 1, W - cols + 1
+    chunk = max(1, int(chunk_elements) // max(W, 1))
+
+    # carry_a = C[t0], carry_b = C[t0 + rows] for the current chunk start t0.
+    carry_a = torch.zeros(W, dtype=f64, device=x.device)
+    carry_b = torch.zeros(W, dtype=f64, device=x.device)
+    for s in range(0, rows, chunk):
+        carry_b += x[s:min(s + chunk, rows)].sum(0, dtype=f64)
+
+    best_val, best = None, (0, 0)
+    zero_col = torch.zeros((1, 1), dtype=f64, device=x.device)
+    for t0 in range(0, n_tops, chunk):
+        n = min(chunk, n_tops - t0)
+        # Exclusive prefix sums: C[t0 + j] = carry + sum(x[t0 : t0 + j]) for j in [0, n).
+        a = _exclusive_rows(x[t0:t0 + n - 1], carry_a, n)
+        b = _exclusive_rows(x[t0 + rows:t0 + rows + n - 1], carry_b, n)
+        if t0 + n < n_tops:  # C[t0 + n] = C[t0 + n - 1] + x[t0 + n - 1]
+            carry_a = a[-1] + x[t0 + n - 1].to(f64)
+            carry_b = b[-1] + x[t0 + rows + n - 1].to(f64)
+        band = b - a                                                     # [n, W] row-window sums
+        q = torch.cat([zero_col.expand(n, 1), band.cumsum(1)], dim=1)    # [n, W + 1]
+        win = q[:, cols:] - q[:, :n_lefts]                               # [n, n_lefts] block sums
+        # Every entry lies in some block, and a NaN / inf entry makes the sums of the blocks holding it
+        # non-finite: checking the (small) window array replaces an isfinite pass over the matrix.
+        if not bool(torch.isfinite(win).all()):
+            fail("max_sum_submatrix: the sensitivity matrix has NaN or infinite entries")
+        flat = int(torch.argmax(win))                                    # first max, row-major
+        val = win.view(-1)[flat].item()
+        if best_val is None or val > best_val:
+            best_val, best = val, (t0 + flat // n_lefts, flat % n_lefts)
+    return best
+
+
+def _exclusive_rows(x: torch.Tensor, carry: torch.Tensor, n: int) -> torch.Tensor:
+    """`x [n - 1, W]` -> `[n, W]` float64 with row j = carry + sum(x[:j]) (row 0 is the carry)."""
+    out = torch.empty((n, carry.shape[0]), dtype=torch.float64, device=carry.device)
+    out[0] = carry
+    if n > 1:
+        torch.cumsum(x, dim=0, dtype=torch.float64, out=out[1:])
+        out[1:] += carry
+    return out
+
+
+def max_sum_submatrix_bruteforce(sensitivity: torch.Tensor, rows: int, cols: int) -> tuple[int, int]:
+    """The reference's scan: every position in a Python loop, strict `>` so the first max wins.
+    Block sums are direct float64 sums (no summed-area table). For tests and the benchmark only."""
+    x = sensitivity.detach().to(torch.float64)
+    H, W = x.shape
+    best, best_val = (0, 0), -float("inf")
+    for t in range(H - rows + 1):
+        for l in range(W - cols + 1):
+            v = x[t:t + rows, l:l + cols].sum().item()
+            if v > best_val:
+                best, best_val = (t, l), v
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation, sensitivity, layer selection
+# ----------------------------------------------------------------------------------------------
+
+def encode_chat(tokenizer, messages: list[dict], cutoff_len: int, add_bos: bool = True) -> dict:
+    """input_ids/labels lists for PostPKT: the assistant turn ends with the EOS string, loss on the
+    response only. The reference's Llama tokenizer also prepends BOS (add_special_tokens defaults
+    to True); `add_bos` does the same when the tokenizer has a BOS token."""
+    bos = tokenizer.bos_token_id if add_bos else None
+    ex = tokenize_example(tokenizer, messages, cutoff_len=cutoff_len - (bos is not None), eos_response=True)
+    if bos is not None:
+        ex = {"input_ids": [bos] + ex["input_ids"], "labels": [IGNORE] + ex["labels"]}
+    return ex
+
+
+def sensitivity(model, examples: list[dict], params: dict[str, torch.nn.Parameter],
+                accum_device=None, progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+    """Sum over examples of `|theta * dL/dtheta|` for every parameter in `params` (name -> parameter).
+
+    `examples`: dicts of `input_ids`/`labels` lists (one backward per example; the reference's
+    per-example |.| cannot be batched). Returns ({name: fp32 accumulator of the parameter's shape on
+    `accum_device`}, number of examples used). Parameters outside `params` get no gradient at all.
+    """
+    device = next(model.parameters()).device
+    accum_device = torch.device(accum_device) if accum_device else device
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=accum_device) for name, p in params.items()}
+    tracked = {id(p) for p in params.values()}
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in tracked)
+
+    def make_hook(name):
+        def hook(p):
+            # |theta * grad| in fp32, added in place; the gradient is freed right away.
+            s = p.detach().float().mul_(p.grad.float()) if p.dtype != torch.float32 else p.detach() * p.grad
+            acc[name].add_(s.abs_().to(accum_device, non_blocking=False))
+            p.grad = None
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(make_hook(n)) for n, p in params.items()]
+    used = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for ex in tqdm(examples, desc="sensitivity", disable=not progress):
+            labels = torch.tensor([ex["labels"]], device=device)
+            if not bool((labels[:, 1:] != IGNORE).any()):
+                log.warning("an example has no response tokens left after --cutoff_len: skipped")
+                continue
+            ids = torch.tensor([ex["input_ids"]], device=device)
+            loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+            loss.backward()
+            used += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+            p.grad = None
+        model.train(was_training)
+    return acc, used
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_scores(sens: dict[str, torch.Tensor], n_layers: int) -> list[float]:
+    """Per decoder layer, the sum of the accumulated sensitivity of all its parameters (float64)."""
+    scores = [0.0] * n_layers
+    for name, s in sens.items():
+        i = layer_index(name)
+        if i is not None:
+            scores[i] += float(s.sum(dtype=torch.float64))
+    return scores
+
+
+def select_layers(scores: list[float], k: int) -> list[int]:
+    """The k highest-scoring layers, in index order. Ties keep the lower index first (the reference
+    sorts with Python's stable `sorted(..., reverse=True)` over layers in index order)."""
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return sorted(ranked[:k])
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks and factorisation
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Block:
+    """Where a student weight comes from: teacher weight `teacher` (as stored, `[out, in]`), possibly
+    transposed first (embedding: `[vocab, d]` -> `[d, vocab]`), block at (top, left) of `shape`."""
+    student: str                 # student module name, e.g. model.layers.0.self_attn.q_proj
+    teacher: str                 # teacher module name
+    shape: tuple[int, int]       # block shape = student weight (as oriented for the LoRA)
+    transposed: bool = False
+
+
+def lora_factors(block: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block [m, n]` -> (B `[m, r]`, A `[r, n]`) fp32 with B @ A the best rank-r approximation:
+    SVD in fp32, B = U[:, :r] * S[:r], A = Vh[:r]."""
+    U, S, Vh = torch.linalg.svd(block.float(), full_matrices=False)
+    return (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous()
+
+
+def to_fp16(t: torch.Tensor, what: str) -> torch.Tensor:
+    h = t.half()
+    if not bool(torch.isfinite(h).all()):
+        fail(f"{what}: values overflow fp16 (max |x| = {t.abs().max().item():.3g})")
+    return h
+
+
+def parse_modules(modules, allowed=ALL_MODULES, flag="--target_modules") -> list[str]:
+    """A list or a comma string (`"[q_proj,v_proj]"`) -> validated module names, order kept."""
+    if isinstance(modules, str):
+        modules = modules.strip("[]()").split(",")
+    modules = [str(m).strip().strip("'\"") for m in modules if str(m).strip()]
+    if not modules:
+        fail(f"{flag} is empty: expected some of {', '.join(allowed)}")
+    unknown = [m for m in modules if m not in allowed]
+    if unknown:
+        fail(f"unknown module(s) {', '.join(unknown)} in {flag}: expected some of {', '.join(allowed)}")
+    return list(dict.fromkeys(modules))
+
+
+def memory_plan(teacher, tracked_params: int, accum_device: str, model_device: str) -> str:
+    """One-line memory note for the sensitivity pass."""
+    n_all = sum(p.numel() for p in teacher.parameters())
+    p_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    largest = max(p.numel() for p in teacher.parameters())
+    acc_bytes = tracked_params * 4
+    gib = 2 ** 30
+    where = "same device" if str(accum_device) == str(model_device) else f"on {accum_device}"
+    return (f"memory: teacher {n_all / 1e6:,.1f}M params = {p_bytes / gib:.2f} GiB; fp32 sensitivity "
+            f"accumulators {acc_bytes / gib:.2f} GiB ({where}); live gradients <= one parameter "
+            f"({largest * 4 / gib:.3f} GiB in fp32) thanks to the post-accumulate hooks; plus activations "
+            f"of one example")
+
+
+# ----------------------------------------------------------------------------------------------
+# The extraction end to end
+# ----------------------------------------------------------------------------------------------
+
+def student_skeleton(target, flag="--target_model"):
+    """The student on the meta device (shapes only, no memory): from a model directory / hub name
+    or a config directory (`--target_config`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pkt.io import check_model_path
+
+    check_model_path(target, flag)
+    cfg = AutoConfig.from_pretrained(target)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def plan_blocks(teacher, student, layers: list[int], modules: list[str]) -> list[Block]:
+    """Blocks for the LoRA of every targeted student module; fails (before any heavy work) when a
+    module is missing or the student is larger than the teacher in some dimension."""
+    t_mods = dict(teacher.named_modules())
+    s_mods = dict(student.named_modules())
+    blocks = []
+    for m in modules:
+        if m in EMBED_MODULES:
+            t_mod = teacher.get_input_embeddings() if m == "embed_tokens" else teacher.get_output_embeddings()
+            s_mod = student.get_input_embeddings() if m == "embed_tokens" else student.get_output_embeddings()
+            t_name = next(n for n, mod in t_mods.items() if mod is t_mod)
+            s_name = next(n for n, mod in s_mods.items() if mod is s_mod)
+            tw, sw = t_mod.weight.shape, s_mod.weight.shape
+            if tw[0] != sw[0]:
+                fail(f"--include_embeddings needs equal vocabularies: the teacher has {tw[0]} tokens, "
+                     f"the student {sw[0]}")
+            transposed = m == "embed_tokens"   # [vocab, d] -> [d, vocab] (the LoRA's orientation)
+            shape = (sw[1], sw[0]) if transposed else tuple(sw)
+            blocks.append(Block(s_name, t_name, shape, transposed))
+            continue
+        suffix = "." + m
+        t_layer = {layer_index(n): n for n in t_mods if n.endswith(suffix) and layer_index(n) is not None}
+        s_layer = {layer_index(n): n for n in s_mods if n.endswith(suffix) and layer_index(n) is not None}
+        if not t_layer or not s_layer:
+            fail(f"module {m} not found in the {'teacher' if not t_layer else 'student'}")
+        for j, i in enumerate(layers):
+            if j not in s_layer:
+                fail(f"the student has no {m} in layer {j}")
+            blocks.append(Block(s_layer[j], t_layer[i], tuple(s_mods[s_layer[j]].weight.shape)))
+    for b in blocks:
+        tshape = tuple(t_mods[b.teacher].weight.shape)
+        tshape = tshape[::-1] if b.transposed else tshape
+        if b.shape[0] > tshape[0] or b.shape[1] > tshape[1]:
+            fail(f"the student is wider than the teacher: {b.student} needs a {b.shape[0]}x{b.shape[1]} block "
+                 f"but {b.teacher} is {tshape[0]}x{tshape[1]} (PostPKT only shrinks weights)")
+    return blocks
+
+
+def lora_modules_of(student_peft) -> dict[str, torch.nn.Module]:
+    """Student module name (without the peft prefix) -> its LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in student_peft.named_modules():
+        if isinstance(mod, LoraLayer):
+            out[name.removeprefix("base_model.model.")] = mod
+    return out
+
+
+def extract(source_model: str, target: str, data_path: str, output_dir: str, num_examples: int | None = None,
+            lora_r: int = 16, lora_alpha: int = 16, include_embeddings: bool = False,
+            target_modules=LINEAR_MODULES, dtype="fp32", device=None, accum_device=None,
+            cutoff_len: int = 2048, add_bos: bool = True, lora_dropout: float = 0.05,
+            gradient_checkpointing: bool = False, target_flag: str = "--target_model") -> dict:
+    """Teacher sensitivity -> layers -> blocks -> SVD -> PEFT LoRA for the student in `output_dir`
+    (written atomically, with selection.json). Returns the selection record."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    from pkt.data import load_chat_jsonl
+    from pkt.io import atomic_dir, load_model, load_tokenizer, write_json
+
+    # Validate everything cheap first: nothing is written when an input is wrong.
+    modules = parse_modules(target_modules)
+    if include_embeddings:
+        modules += [m for m in EMBED_MODULES if m not in modules]
+    if int(lora_r) < 1:
+        fail(f"--lora_r {lora_r}: must be >= 1")
+    records = load_chat_jsonl(data_path)
+    if num_examples is not None:
+        if int(num_examples) < 1:
+            fail(f"--num_examples {num_examples}: must be >= 1")
+        records = records[:int(num_examples)]
+    student = student_skeleton(target, target_flag)
+    teacher_meta = student_skeleton(source_model, "--source_model")
+    n_student = student.config.num_hidden_layers
+    n_teacher = teacher_meta.config.num_hidden_layers
+    if n_student > n_teacher:
+        fail(f"the student has {n_student} layers, more than the teacher's {n_teacher}")
+    for b in plan_blocks(teacher_meta, student, list(range(n_student)), modules):
+        if int(lora_r) > min(b.shape):
+            fail(f"--lora_r {lora_r} exceeds the {b.shape[0]}x{b.shape[1]} block of {b.student}")
+    del teacher_meta
+
+    tokenizer = load_tokenizer(source_model)
+    examples = [encode_chat(tokenizer, r["messages"], int(cutoff_len), add_bos) for r in records]
+    teacher = load_model(source_model, dtype=dtype, device=device, flag="--source_model")
+    if gradient_checkpointing:
+        teacher.gradient_checkpointing_enable()
+        teacher.config.use_cache = False
+    model_device = next(teacher.parameters()).device
+    accum_device = accum_device or model_device
+
+    # Track decoder-layer parameters (layer scores) and, if needed, the embedding / lm_head.
+    embed_params = set()
+    if include_embeddings:
+        embed_params = {id(teacher.get_input_embeddings().weight), id(teacher.get_output_embeddings().weight)}
+    params = {n: p for n, p in teacher.named_parameters()
+              if layer_index(n) is not None or id(p) in embed_params}
+    print(memory_plan(teacher, sum(p.numel() for p in params.values()), str(accum_device), str(model_device)),
+          flush=True)
+    sens, used = sensitivity(teacher, examples, params, accum_device=accum_device)
+    if used == 0:
+        fail(f"{data_path}: no example has response tokens within --cutoff_len {cutoff_len}")
+
+    scores = layer_scores(sens, n_teacher)
+    layers = select_layers(scores, n_student)
+    print(f"selected teacher layers {layers} (student layers 0..{n_student - 1})", flush=True)
+    blocks = plan_blocks(teacher, student, layers, modules)
+    name_of = {id(p): n for n, p in teacher.named_parameters()}
+    t_mods = dict(teacher.named_modules())
+
+    cfg = LoraConfig(r=int(lora_r), lora_alpha=int(lora_alpha), target_modules=modules, lora_dropout=lora_dropout,
+                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(target))
+    peft_student = get_peft_model(student, cfg)   # meta device: the LoRA layers are filled below
+    lora_of = lora_modules_of(peft_student)
+    record_blocks = {}
+    for b in tqdm(blocks, desc="submatrix + svd"):
+        w = t_mods[b.teacher].weight
+        s = sens[name_of[id(w)]]
+        if b.transposed:
+            w, s = w.t(), s.t()
+        top, left = max_sum_submatrix(s, *b.shape)
+        block = w[top:top + b.shape[0], left:left + b.shape[1]].detach().float()
+        B, A = lora_factors(block, int(lora_r))
+        B, A = to_fp16(B.cpu(), b.student), to_fp16(A.cpu(), b.student)
+        lora = lora_of[b.student]
+        if b.transposed or b.student.endswith("embed_tokens"):
+            lora.lora_embedding_A["default"] = torch.nn.Parameter(A)   # [r, vocab]
+            lora.lora_embedding_B["default"] = torch.nn.Parameter(B)   # [d, r]
+        else:
+            lora.lora_A["default"].weight = torch.nn.Parameter(A)       # [r, in]
+            lora.lora_B["default"].weight = torch.nn.Parameter(B)       # [out, r]
+        record_blocks[b.student] = {"teacher": b.teacher, "top": top, "left": left, "rows": b.shape[0],
+                                    "cols": b.shape[1], "transposed": b.transposed,
+                                    "block_sensitivity": float(s[top:top + b.shape[0], left:left + b.shape[1]]
+                                                               .sum(dtype=torch.float64))}
+    selection = {
+        "source_model": str(source_model), "target_model": str(target), "data_path": str(data_path),
+        "num_examples": used, "lora_r": int(lora_r), "lora_alpha": int(lora_alpha), "target_modules": modules,
+        "selected_layers": layers, "layer_map": {str(i): j for j, i in enumerate(layers)},
+        "layer_sensitivity": scores, "blocks": record_blocks,
+    }
+    with atomic_dir(output_dir) as tmp:
+        # peft writes adapter_config.json + adapter_model.safetensors; the base weights stay on the
+        # meta device and are never saved (save_embedding_layers=False: only the LoRA factors).
+        peft_student.save_pretrained(str(tmp), save_embedding_layers=False)
+        (Path(tmp) / "README.md").unlink(missing_ok=True)   # peft's empty model card
+        write_json(Path(tmp) / "selection.json", selection)
+        saved = json.loads((Path(tmp) / "adapter_config.json").read_text())
+        if saved.get("r") != int(lora_r):
+            fail("peft wrote an unexpected adapter_config.json")
+    return selection
+
+
+def negate_lora_A(lora_path: str, output_path: str) -> int:
+    """Copy the adapter in `lora_path` to `output_path` with every lora_A / lora_embedding_A negated,
+    so that merging it subtracts B @ A. Returns the number of tensors negated."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from pkt.io import atomic_dir, save_tensors
+
+    src = Path(lora_path)
+    weights = src / "adapter_model.safetensors"
+    if not (src / "adapter_config.json").is_file() or not weights.is_file():
+        fail(f"--lora_path {lora_path}: expected adapter_config.json and adapter_model.safetensors there")
+    if Path(output_path).resolve() == src.resolve():
+        fail("--output_path must differ from --lora_path")
+    tensors = load_file(str(weights))
+    flipped = 0
+    for k in tensors:
+        if ".lora_A." in k or k.endswith(".lora_A") or "lora_embedding_A" in k:
+            tensors[k] = -tensors[k]
+            flipped += 1
+    if not flipped:
+        fail(f"--lora_path {lora_path}: no lora_A tensors found")
+    with atomic_dir(output_path) as tmp:
+        for f in src.iterdir():
+            if f.is_file() and f.name != weights.name:
+                shutil.copy2(f, Path(tmp) / f.name)
+        save_tensors(Path(tmp) / weights.name, tensors, metadata={"format": "pt"})
+    return flipped
