@@ -1,0 +1,36 @@
+"""How closely `locate` reproduces the reference fixture on a given device (CPU or CUDA).
+
+    python bench/reference_parity.py [--device cuda]
+"""
+import json
+import sys
+from pathlib import Path
+
+import fire
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from pkt.attribution import locate  # noqa: E402
+
+FIX = ROOT / "tests" / "fixtures" / "tiny_llama"
+
+
+def main(device: str = "cpu", attn_implementation: str = "eager"):
+    from transformers import AutoModelForCausalLM
+
+    ref = json.loads((FIX / "reference_selection.json").read_text())
+    print("| device | attention | precision | FFN scores equal | attention scores equal | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for precision in ("fp32", "reference"):
+        model = AutoModelForCausalLM.from_pretrained(FIX, dtype=torch.float16,
+                                                     attn_implementation=attn_implementation).to(device).eval()
+        sel = locate(model, [ref["input_ids"]], 4, 68, 25, precision=precision)
+        f = (sel.ffn_scores - torch.tensor(ref["ffn_scores"])).abs()
+        a = (sel.attn_scores - torch.tensor(ref["attn_scores"])).abs()
+        print(f"| {device} | {attn_implementation} | {precision} | {(f < 5e-4).float().mean():.1%} | "
+              f"{(a < 5e-4).float().mean():.1%} | {max(f.max(), a.max()):.4f} |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
