@@ -22,9 +22,9 @@ import torch
 from knowledge_translator import KnowledgeTranslator
 from modeling_llama_laten import TRANSFER_MODULES, attention_neuron_v_rows, fold, linear, model_shape
 from pkt.data import load_chat_jsonl
-from pkt.io import atomic_dir, check_model_path, fail, load_model, load_tokenizer, run_cli, write_json
+from pkt.io import atomic_dir, check_model_path, fail, run_cli, write_json
 from pkt.transfer import deltas_for, extract, neuron_counts, translate
-from train_LaTen import default_device, default_dtype, freeze, locate_pair
+from train_LaTen import load_models, locate_pair
 
 log = logging.getLogger("inference_LaTen")
 
@@ -87,13 +87,8 @@ def main(
     check_model_path(source_model, "--source_model")
     check_model_path(target_model, "--target_model")
 
-    teacher_device = teacher_device or default_device()
-    student_device = student_device or teacher_device
-    dtype = dtype or default_dtype(student_device)
-    teacher = freeze(load_model(source_model, dtype=dtype, device=teacher_device, flag="--source_model"))
-    student = freeze(load_model(target_model, dtype=dtype, device=student_device, flag="--target_model"))
-    t_tok, s_tok = load_tokenizer(source_model), load_tokenizer(target_model)
-    s_shape, t_shape = model_shape(student), model_shape(teacher)
+    teacher, student, t_tok, s_tok, t_shape, s_shape, student_device = load_models(
+        source_model, target_model, dtype, teacher_device, student_device)
     translators = {s: KnowledgeTranslator.load(p, device=student_device).eval() for s, p in ckpts.items()}
     for s, tr in translators.items():
         if (tr.d_T, tr.d_S) != (t_shape.hidden, s_shape.hidden):

@@ -131,6 +131,18 @@ def freeze(model):
     return model
 
 
+def load_models(source_model, target_model, dtype=None, teacher_device=None, student_device=None):
+    """Frozen teacher and student, each with its own tokenizer and shape; teacher and student may
+    live on different devices (the reference's two-GPU layout)."""
+    teacher_device = teacher_device or default_device()
+    student_device = student_device or teacher_device
+    dtype = dtype or default_dtype(student_device)
+    teacher = freeze(load_model(source_model, dtype=dtype, device=teacher_device, flag="--source_model"))
+    student = freeze(load_model(target_model, dtype=dtype, device=student_device, flag="--target_model"))
+    return (teacher, student, load_tokenizer(source_model), load_tokenizer(target_model),
+            model_shape(teacher), model_shape(student), student_device)
+
+
 def enable_checkpointing(student) -> None:
     """Gradient checkpointing through the frozen student. Non-reentrant (the inputs need no grad; the delta
     hooks carry it), and HF only checkpoints a layer whose `training` flag is set: set that flag on the
@@ -229,13 +241,8 @@ def main(
              "or another --translator_save_name")
 
     # ---- models: frozen, each with its own tokenizer
-    teacher_device = teacher_device or default_device()
-    student_device = student_device or teacher_device
-    dtype = dtype or default_dtype(student_device)
-    teacher = freeze(load_model(source_model, dtype=dtype, device=teacher_device, flag="--source_model"))
-    student = freeze(load_model(target_model, dtype=dtype, device=student_device, flag="--target_model"))
-    t_tok, s_tok = load_tokenizer(source_model), load_tokenizer(target_model)
-    t_shape, s_shape = model_shape(teacher), model_shape(student)
+    teacher, student, t_tok, s_tok, t_shape, s_shape, student_device = load_models(
+        source_model, target_model, dtype, teacher_device, student_device)
     check_pair(t_shape, s_shape, *neuron_counts(s_shape, transfer_rate))
     if gradient_checkpointing is None:
         gradient_checkpointing = str(student_device).startswith("cuda")

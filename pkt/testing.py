@@ -5,19 +5,21 @@ from __future__ import annotations
 import torch
 
 
-def make_tokenizer():
-    """A real fast tokenizer with no download: byte-level BPE over a tiny trained vocabulary."""
+CORPUS = ["<|user|>\n<|assistant|>\n<|system|>\n Question: Answer: the answer is 42. def f(x): return x + 1",
+          "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] , . : ; \" ' # A B C D"]
+
+
+def make_tokenizer(vocab_size: int = 300, corpus: list[str] = CORPUS):
+    """A real fast tokenizer with no download: byte-level BPE trained on a tiny corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["<|user|>\n<|assistant|>\n<|system|>\n Question: Answer: the answer is 42. def f(x): return x + 1",
-              "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] , . : ; \" ' # A B C D"] * 4
-    tok.train_from_iterator(corpus, trainer)
+    tok.train_from_iterator(list(corpus) * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
 

@@ -270,17 +270,9 @@ def test_nan_loss_is_an_error_unless_skipped(teacher_dir, student_dir, data, mon
 
 def _other_tokenizer():
     """A second byte-level BPE (smaller vocabulary, other merges): different ids for the same text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from pkt.testing import make_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=270, special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Answer: Question: answer answer answer is is the the +"] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+    return make_tokenizer(270, ["Answer: Question: answer answer answer is is the the +"])
 
 
 def test_each_model_reads_with_its_own_tokenizer(student_dir, data, tmp_path, monkeypatch):
