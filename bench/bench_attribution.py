@@ -121,14 +121,14 @@ def dry_run(seq_len: int = 512):
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
         P = sum(p.numel() for p in model.parameters())
-        V, d, ffn, L = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+        V, d, ffn = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
         n_keep = STUDENT[shape]["num_hidden_layers"]
         fwd = 2 * P * seq_len
         readout = 2 * V * d * (ffn + d) * n_keep
         chunk_gb = (1 << 26) * 4 * 2 / 2**30                      # [k, V] product + logsumexp temp
         wu32 = V * d * 4 / 2**30
         rows.append(dict(shape=shape, params_b=P / 1e9, bf16_model_gb=P * 2 / 2**30, forward_tflop=fwd / 1e12,
-                         readout_tflop=readout / 1e12, extra_gb=wu32 + chunk_gb + V * d * 4 * 0 / 2**30))
+                         readout_tflop=readout / 1e12, extra_gb=wu32 + chunk_gb))
     print("| shape | params (B) | bf16 model GB | forward TFLOP | read-out TFLOP | extra GB (W_U fp32 + chunk) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
