@@ -21,14 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modeling_llama_laten import trace  # noqa: E402
 from pkt.attribution import locate, make_readout  # noqa: E402
+from pkt.testing import LLAMA2_SHAPES  # noqa: E402
 
 SHAPES = {
     "cpu-1024": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=16, num_attention_heads=16,
                      num_key_value_heads=16, vocab_size=512),
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, vocab_size=32000),
+    **LLAMA2_SHAPES,
 }
 STUDENT = {"cpu-1024": SHAPES["cpu-1024"], "llama-2-7b": SHAPES["llama-2-7b"], "llama-2-13b": SHAPES["llama-2-7b"]}
 

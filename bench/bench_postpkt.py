@@ -24,13 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pkt.postpkt import max_sum_submatrix, max_sum_submatrix_bruteforce, sensitivity  # noqa: E402
+from pkt.testing import LLAMA2_SHAPES  # noqa: E402
 
-SHAPES = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, vocab_size=32000),
-}
+SHAPES = LLAMA2_SHAPES
 # (name, teacher shape, student block) for one 13B -> 7B layer, plus the embeddings.
 SCANS = [("q/k/v/o_proj", (5120, 5120), (4096, 4096), 4),
          ("gate/up_proj", (13824, 5120), (11008, 4096), 2),

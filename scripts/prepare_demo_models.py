@@ -72,6 +72,17 @@ CALIBRATION_CHATS = [
 
 # ----------------------------------------------------------------------------- the GGUF file
 
+
+def load_exact(model, state: dict, what: str) -> None:
+    """Load `state` into `model`: every name must match (a tied lm_head may be absent)."""
+    tied = model.config.tie_word_embeddings
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        fail(f"{what} do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        model.tie_weights()
+
 def _gguf_in_spec(spec) -> Path | None:
     for loc in (spec.submodule_search_locations or []) if spec else []:
         p = Path(loc) / GGUF_NAME
@@ -138,12 +149,7 @@ def _fresh_copy(model, config):
 
     new = type(model)(config)
     state = model.state_dict()
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        fail(f"weight names do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if config.tie_word_embeddings:
-        new.tie_weights()
+    load_exact(new, state, "weight names")
     return new.to(torch.float32).eval()
 
 
@@ -355,12 +361,7 @@ def build_student(teacher, layers="even", ffn_size: int | None = None, calibrati
             elif rest == "mlp.down_proj.weight":
                 t = t.index_select(1, sel)
             new_state[new_pre + rest] = t.clone()
-    missing, unexpected = student.load_state_dict(new_state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and scfg.tie_word_embeddings)]
-    if missing or unexpected:
-        fail(f"student weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if scfg.tie_word_embeddings:
-        student.tie_weights()
+    load_exact(student, new_state, "student weights")
     info = {"kept_layers": keep_layers, "ffn_size": ffn_size, "teacher_ffn_size": cfg.intermediate_size,
             "teacher_num_layers": cfg.num_hidden_layers, "kept_ffn_neurons": neurons,
             "ffn_score": ("RMS over calibration tokens of a_k = silu(gate_k.x)*(up_k.x), times |W_down[:,k]|"
