@@ -6,6 +6,7 @@ processes (micro-batches of `micro_batch_size` per process, gradient accumulatio
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pkt.io import fail
+from pkt.io import (append_jsonl, atomic_dir, check_model_path, fail, load_model, load_tokenizer, save_tensors,
+                    write_json, write_text)
 
 log = logging.getLogger("pkt.lora")
 
@@ -47,7 +49,6 @@ def merge_adapter(model, adapter_path):
 
 def build_student(base_model: str, delta_path: str | None, dtype, device):
     """The student, with the delta (W - B A) merged in when given."""
-    from pkt.io import load_model
 
     model = load_model(base_model, dtype=dtype, device=device, flag="--base_model")
     if delta_path:
@@ -106,7 +107,6 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
     from transformers import get_linear_schedule_with_warmup
 
     from pkt.data import IGNORE, collate_left, load_chat_jsonl
-    from pkt.io import append_jsonl, atomic_dir, check_model_path, load_tokenizer, save_tensors, write_json
     from pkt.postpkt import encode_chat
 
     # ---- validate inputs before anything is loaded or written
@@ -216,7 +216,7 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
         for k, mb in enumerate(micro):
             batch = {key: v.to(acc.device) for key, v in collate_left([examples[i] for i in mb], pad).items()}
             sync = k == len(micro) - 1
-            with (acc.no_sync(model) if not sync and world > 1 else _null()):
+            with (acc.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()):
                 loss = model(**batch).loss
                 # Example-weighted mean over the global batch; DDP averages over processes, hence x world.
                 acc.backward(loss * (len(mb) * world / len(idx)))
@@ -237,8 +237,7 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
             bar.set_postfix(loss=f"{mean_loss:.4f}")
         end_epoch = step % steps_per_epoch == 0
         if step < total and ((save_steps and step % int(save_steps) == 0) or end_epoch):
-            _save_checkpoint(acc, model, opt, sched, out, step, save_total_limit, atomic_dir, save_tensors,
-                             write_json)
+            _save_checkpoint(acc, model, opt, sched, out, step, save_total_limit)
     bar.close()
 
     # ---- final adapter (PEFT format) in output_dir
@@ -258,21 +257,11 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
     return logs
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def write_json_lines(path, lines: list[str]) -> None:
-    from pkt.io import write_text
-
     write_text(path, "".join(ln + "\n" for ln in lines))
 
 
-def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int, atomic_dir, save_tensors, write_json):
+def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int):
     acc.wait_for_everyone()
     if acc.is_main_process:
         inner = acc.unwrap_model(model)
@@ -290,7 +279,6 @@ def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int, a
 def merge(base_model: str, lora_path: str, output_dir: str, delta_path: str | None = None, dtype="auto",
           device: str = "cpu") -> None:
     """student (+ delta merged) + trained LoRA merged -> a plain HF model directory (safetensors + tokenizer)."""
-    from pkt.io import atomic_dir, check_model_path, load_tokenizer
 
     check_model_path(base_model, "--base_model")
     check_adapter_dir(lora_path, "--lora_path")
