@@ -101,6 +101,10 @@ def write_json(path, obj, indent: int | None = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def write_jsonl(path, records: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
 def append_jsonl(path, record: dict) -> None:
     """Append one line (logs grow line by line; a crash loses at most the line being written)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

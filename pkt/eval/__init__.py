@@ -5,11 +5,10 @@ metrics.json}` and `<output_dir>/summary.{json,md}`; `score_file()` scores a pre
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from pkt.io import atomic_path, check_model_path, fail, write_json, write_text
+from pkt.io import check_model_path, fail, write_json, write_jsonl, write_text
 
 TASKS = ("gsm", "mmlu", "humaneval", "mbpp", "nll")
 HEADLINE = {"gsm": "accuracy", "mmlu": "accuracy", "humaneval": "pass@1", "mbpp": "pass@1", "nll": "nll"}
@@ -33,13 +32,6 @@ def parse_tasks(tasks) -> list[str]:
     if not names:
         fail("--tasks: no task given")
     return names
-
-
-def write_jsonl(path, records: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
 
 
 def summary_markdown(summary: dict) -> str:
