@@ -185,9 +185,23 @@ def rank_layers(scores: torch.Tensor) -> list[int]:
     return sorted(range(len(s)), key=lambda i: (s[i], i), reverse=True)
 
 
-def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """`[n_layers, width] -> [n_layers, k]` indices by score, descending; ties by lower index."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+def top_neurons(scores: torch.Tensor, k: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """`[n_layers, width] -> [n_layers, k]` indices by score, descending. Equal scores are ordered by
+    `tiebreak` (descending) when given, then by lower index."""
+    order = torch.arange(scores.shape[-1]).expand_as(scores)
+    if tiebreak is not None:
+        order = torch.sort(tiebreak, dim=-1, descending=True, stable=True).indices
+    ranked = torch.sort(scores.gather(-1, order), dim=-1, descending=True, stable=True).indices
+    return order.gather(-1, ranked)[:, :k]
+
+
+def valid_topk_fraction(neurons: torch.Tensor, scores, k: int) -> float:
+    """Share of selected `neurons: [n_layers, k]` whose score under `scores: [n_layers, width]` (e.g.
+    the reference's) reaches that layer's k-th best score: with many ties, the fair way to compare
+    two selections."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    kth = scores.sort(dim=-1, descending=True).values[:, k - 1:k]
+    return (scores.gather(-1, neurons) >= kth - 1e-6).float().mean().item()
 
 
 def _batch(examples, pad_id: int = 0):
@@ -250,7 +264,15 @@ def locate(model, examples, n_layers: int, ffn_k: int, attn_k: int, precision: s
     ffn_s = sum(ffn_neuron_scores(model, ro, tr, keep_ffn).cpu() for tr, ro in parts)
     tr, ro = parts[-1]                      # the last example's attention scores win (reference)
     attn_s = attn_neuron_scores(model, ro, tr, keep_attn).cpu()
+    ffn_tie = attn_tie = None
+    if precision == "reference":
+        # fp16 read-outs tie massively (3-30 distinct values per layer) and the original's unstable
+        # argsort picks among ties arbitrarily; we pick the neurons with the larger exact (fp32) score.
+        exact = [(tr, make_readout(model, tr, ro.targets, "fp32")) for tr, ro in parts]
+        ffn_tie = sum(ffn_neuron_scores(model, ro32, tr, keep_ffn).cpu() for tr, ro32 in exact)
+        attn_tie = attn_neuron_scores(model, exact[-1][1], exact[-1][0], keep_attn).cpu()
     return Selection(attn_layers=keep_attn, ffn_layers=keep_ffn,
-                     ffn_neurons=top_neurons(ffn_s, ffn_k), attn_neurons=top_neurons(attn_s, attn_k),
+                     ffn_neurons=top_neurons(ffn_s, ffn_k, ffn_tie),
+                     attn_neurons=top_neurons(attn_s, attn_k, attn_tie),
                      attn_layers_ranked=attn_ranked, ffn_layers_ranked=ffn_ranked,
                      attn_layer_scores=attn_l, ffn_layer_scores=ffn_l, ffn_scores=ffn_s, attn_scores=attn_s)

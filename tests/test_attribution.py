@@ -9,7 +9,7 @@ from conftest import FIXTURES, ROOT, make_llama, make_qwen2
 
 from modeling_llama_laten import trace
 from pkt.attribution import (attn_neuron_scores, ffn_neuron_scores, layer_scores, locate, make_readout,
-                             rank_layers)
+                             rank_layers, top_neurons, valid_topk_fraction)
 from pkt.io import PKTError
 
 REF_DIR = FIXTURES / "tiny_llama"
@@ -92,19 +92,16 @@ def test_layer_ranking_ties_go_to_the_higher_index():
     assert rank_layers(torch.tensor([0.5, 0.1, 0.5, 0.1])) == [2, 0, 3, 1]
 
 
+def test_neuron_ties_are_broken_by_the_exact_score_then_the_lower_index():
+    scores = torch.tensor([[0.1, 0.3, 0.3, 0.3, 0.0]])
+    assert top_neurons(scores, 3).tolist() == [[1, 2, 3]]
+    exact = torch.tensor([[0.9, 0.29, 0.31, 0.30, 0.0]])
+    assert top_neurons(scores, 3, tiebreak=exact).tolist() == [[2, 3, 1]]
+
+
 def _ref_model(**kw):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(REF_DIR, dtype=torch.float16, **kw).eval()
-
-
-def _valid_topk_fraction(sel_neurons, ref_scores, k):
-    """Share of selected neurons whose reference score reaches the layer's k-th best reference score."""
-    ok = total = 0
-    for row, neurons in enumerate(sel_neurons.tolist()):
-        kth = torch.tensor(ref_scores[row]).sort(descending=True).values[k - 1].item()
-        ok += sum(ref_scores[row][n] >= kth - 1e-6 for n in neurons)
-        total += len(neurons)
-    return ok / total
 
 
 @pytest.mark.parametrize("precision", ["fp32", "reference"])
@@ -119,16 +116,16 @@ def test_locate_reproduces_the_reference_selection(precision):
     assert (sel.ffn_scores - ffn_ref).abs().max() <= 0.01
     assert (sel.attn_scores - attn_ref).abs().max() <= 0.01
     if precision == "reference":
-        # fp16 read-out as the original: most scores equal; the rest one fp16 step away (CPU vs CUDA
-        # forward numerics move a few log-probabilities across an fp16 rounding boundary)
+        # fp16 read-out as the original: most scores equal; the rest one fp16 step away (the fp16
+        # GEMM kernels of the machine that made the fixture move a few log-probabilities across an
+        # fp16 rounding boundary; see docs/attribution.md)
         assert ((sel.ffn_scores - ffn_ref).abs() < 5e-4).float().mean() >= 0.80
         assert ((sel.attn_scores - attn_ref).abs() < 5e-4).float().mean() >= 0.85
         assert (sel.ffn_scores - ffn_ref).abs().max() <= 0.0081
-    assert _valid_topk_fraction(sel.ffn_neurons, REF["ffn_scores"], 68) >= 0.98
-    # Attention: 3-4 distinct values among 256 neurons, so one fp16 step flips a neuron between the
-    # tie classes. fp32 reaches the target; the fp16 CPU forward loses a few (see docs/attribution.md).
-    attn_target = 0.98 if precision == "fp32" else 0.90
-    assert _valid_topk_fraction(sel.attn_neurons, REF["attn_scores"], 25) >= attn_target
+    # Most reference scores tie, so its neuron list is one arbitrary choice among ties: what must hold
+    # is that our choices are valid top-k choices under the reference's own scores.
+    assert valid_topk_fraction(sel.ffn_neurons, REF["ffn_scores"], 68) >= 0.98
+    assert valid_topk_fraction(sel.attn_neurons, REF["attn_scores"], 25) >= 0.98
 
 
 def test_locate_cli_writes_the_reference_format(tmp_path):
