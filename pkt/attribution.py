@@ -24,6 +24,9 @@ from pkt.io import fail
 PRECISIONS = ("fp32", "reference")
 # Elements of the [examples, neurons, vocab] logit block materialised at once (fp32: 4 bytes each).
 CHUNK_ELEMENTS = 1 << 26
+# On the CPU the log-softmax runs over cache-sized row blocks of that chunk (4 MiB): memory traffic,
+# not arithmetic, is its cost there (1.6x faster read-out at vocab 32k). On CUDA one block per chunk.
+CPU_BLOCK_ELEMENTS = 1 << 20
 TF32 = True   # fp32 read-out products on TF32 tensor cores when on CUDA (set False for full fp32)
 
 
@@ -139,7 +142,7 @@ def neuron_scores(ro: Readout, base: torch.Tensor, coef: torch.Tensor, cols: tor
     step = max(1, CHUNK_ELEMENTS // (B * V))
     if ro.precision == "fp32":
         z0 = (base * ro.s[:, None] * ro.g) @ ro.W_U.T                         # [B, V]
-        t = ro.targets
+        block = step if base.is_cuda else max(1, CPU_BLOCK_ELEMENTS // (B * V))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         c = coef[:, lo:hi].float()                                            # [B, k]
@@ -147,12 +150,28 @@ def neuron_scores(ro: Readout, base: torch.Tensor, coef: torch.Tensor, cols: tor
         if ro.precision == "fp32":
             with _tf32(TF32):
                 P = (w * ro.g) @ ro.W_U.T                               # [k, V], shared by examples
-            z = z0[:, None, :] + (c * ro.s[:, None])[:, :, None] * P[None]    # [B, k, V]
-            new = z.gather(-1, t[:, None, None].expand(B, hi - lo, 1)).squeeze(-1) - torch.logsumexp(z, -1)
+            new = _shifted_logp(z0, c * ro.s[:, None], P, ro.targets, block)
         else:
             new = ro.logp(base[:, None, :] + c[:, :, None] * w[None])         # [B, k] fp16
         out[:, lo:hi] = _diff(new, logp0)
     return round4(out)
+
+
+def _shifted_logp(z0: torch.Tensor, cs: torch.Tensor, P: torch.Tensor, targets: torch.Tensor,
+                  block: int) -> torch.Tensor:
+    """`log_softmax(z0[b] + cs[b, i] * P[i])[targets[b]]` for every example b and row i -> `[B, k]`,
+    `block` rows at a time: one fused multiply-add builds the logits, the log-sum-exp runs in place
+    (fewer passes over memory than `torch.logsumexp` on a separately built sum)."""
+    B, k = cs.shape
+    out = torch.empty(B, k, device=P.device)
+    t = targets[:, None, None]
+    for a in range(0, k, block):
+        b = min(k, a + block)
+        z = torch.addcmul(z0[:, None, :], cs[:, a:b, None], P[None, a:b])    # [B, rows, V]
+        zt = z.gather(-1, t.expand(B, b - a, 1)).squeeze(-1)
+        m = z.amax(-1, keepdim=True)
+        out[:, a:b] = zt - m.squeeze(-1) - z.sub_(m).exp_().sum(-1).log_()
+    return out
 
 
 def ffn_neuron_scores(model, ro: Readout, tr: Trace, layers: list[int]) -> torch.Tensor:
