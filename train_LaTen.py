@@ -17,7 +17,6 @@ Only the translator trains; teacher and student are frozen. See docs/laten.md.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -33,7 +32,7 @@ from modeling_llama_laten import inject, model_shape
 from pkt.attribution import locate
 from pkt.data import collate_left, load_chat_jsonl, locate_ids, tokenize_example
 from pkt.io import (append_jsonl, atomic_dir, check_model_path, fail, load_model, load_tokenizer, run_cli,
-                    write_text)
+                    truncate_log)
 from pkt.transfer import check_pair, deltas_for, extract, mse_penalty, neuron_counts, parse_modules, translate
 
 log = logging.getLogger("train_LaTen")
@@ -272,9 +271,7 @@ def main(
         torch.set_rng_state(state["torch_rng"])
         start = state["step"] + 1
         log.info("resumed from %s: continuing at step %d of %d", resume_from, start, n_steps)
-        if log_path.exists():  # drop log lines of steps that will run again
-            kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start]
-            write_text(log_path, "".join(l + "\n" for l in kept))
+        truncate_log(log_path, start)  # drop log lines of steps that will run again
     elif overwrite:
         for p in checkpoints(save_dir).values():
             shutil.rmtree(p)

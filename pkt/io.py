@@ -112,6 +112,14 @@ def append_jsonl(path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def truncate_log(path, first_step: int) -> None:
+    """Drop the lines of a JSONL train log whose "step" is >= `first_step` (a resumed run redoes them)."""
+    path = Path(path)
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < first_step]
+        write_text(path, "".join(ln + "\n" for ln in lines))
+
+
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 

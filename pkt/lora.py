@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from pkt.io import (append_jsonl, atomic_dir, check_model_path, fail, load_model, load_tokenizer, save_tensors,
-                    write_json, write_text)
+                    truncate_log, write_json)
 
 log = logging.getLogger("pkt.lora")
 
@@ -187,10 +187,8 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
             p.data.copy_(state[n].to(p.device, p.dtype))
         opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location=acc.device, weights_only=True))
         sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
-        if acc.is_main_process and (out / "train_log.jsonl").exists():
-            keep = [ln for ln in (out / "train_log.jsonl").read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= step]
-            write_json_lines(out / "train_log.jsonl", keep)
+        if acc.is_main_process:
+            truncate_log(out / "train_log.jsonl", step + 1)
         acc.print(f"resumed from {ck} (step {step}/{total})")
     elif acc.is_main_process and (out / "train_log.jsonl").exists():
         (out / "train_log.jsonl").unlink()   # --resume before any checkpoint: start the log afresh
@@ -255,10 +253,6 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
                                                 "data_path": str(data_path), "steps": total, "seed": seed})
     acc.wait_for_everyone()
     return logs
-
-
-def write_json_lines(path, lines: list[str]) -> None:
-    write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int):
