@@ -26,21 +26,6 @@ def read_json(path, what: str):
         fail(f"{what} {p}: not JSON ({e})")
 
 
-def read_jsonl(path, what: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        fail(f"{what} {p}: no such file")
-    rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            fail(f"{what} {p}: line {n} is not JSON")
-    return rows
-
-
 def save_fig(fig, out) -> str:
     """Write `fig` as PNG to `out` atomically and close it."""
     import matplotlib.pyplot as plt

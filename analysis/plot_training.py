@@ -11,9 +11,10 @@ import math
 from pathlib import Path
 
 try:
-    from analysis._common import fail, read_json, read_jsonl, save_fig
+    from analysis._common import fail, read_json, save_fig
 except ImportError:  # run as a script: analysis/ is sys.path[0]
-    from _common import fail, read_json, read_jsonl, save_fig
+    from _common import fail, read_json, save_fig
+from pkt.data import load_jsonl  # noqa: E402  (the repository root is on sys.path via _common)
 
 LOSS_KEYS = ("loss", "lm_loss", "mse_loss")
 LAYER_KEYS = ("teacher_ffn_layers", "student_ffn_layers", "teacher_attn_layers", "student_attn_layers")
@@ -103,7 +104,7 @@ def main(log: str | None = None, out_dir: str = "figures", step: int | None = No
     written = []
     record, title = None, ""
     if log:
-        rows = read_jsonl(log, "--log")
+        rows = load_jsonl(log, require=("step",))
         written.append(plot_loss(rows, out_dir / "laten_training_loss.png"))
         with_layers = [r for r in rows if any(r.get(k) for k in LAYER_KEYS)]
         if step is not None:
