@@ -1,0 +1,219 @@
+"""The Neural Incompatibility similarity analyses: teacher x student layer heatmaps (docs/similarity.md).
+
+    python analysis/similarity.py --teacher DIR --student DIR --data data/gsm/gsm_extract_split.jsonl \\
+        --n_examples 16 --out_dir figures/similarity
+        -> representation_similarity.json/.png  (linear CKA of hidden states, [teacher layers, student layers])
+           parametric_similarity.json/.png      (linear CKA of weights in vocabulary space, per module)
+
+Models are loaded one at a time (teacher, then student) with pkt.io.load_model, so peak memory is
+one model plus the collected hidden states. Nothing is written until everything is computed.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+try:
+    from analysis._common import fail, save_fig
+except ImportError:  # run as a script: analysis/ is sys.path[0]
+    from _common import fail, save_fig
+
+ANALYSES = ("representation", "parametric")
+
+
+def _int(value, flag: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        fail(f"{flag} {value!r}: expected an integer >= {low}")
+    return value
+
+
+def _names(value, flag: str, allowed) -> list[str]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = [str(s).strip() for s in items if str(s).strip()]
+    bad = [s for s in items if s not in allowed]
+    if not items or bad:
+        fail(f"{flag} {value!r}: expected a comma-separated subset of {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def _label(path) -> str:
+    p = Path(str(path))
+    return p.name if p.exists() else str(path)
+
+
+# --------------------------------------------------------------------------------------- figures
+def _heatmap(ax, matrix, title: str):
+    """Teacher layers on y, student layers on x, layer 0 bottom-left; white dots mark, for each
+    student layer, the most similar teacher layer."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    m = np.asarray(matrix, dtype=float)
+    im = ax.imshow(m, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                   interpolation="nearest")
+    ax.plot(np.arange(m.shape[1]), m.argmax(0), "o", ms=3, color="white", mec="black", mew=0.4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("student layer")
+    ax.set_ylabel("teacher layer")
+    ax.set_title(title, fontsize=9)
+    return im
+
+
+def representation_figure(record: dict):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.2, 5.4), layout="constrained")
+    where = "last token of each" if record["positions"] == "last" else "tokens from"
+    im = _heatmap(ax, record["cka"], f"{record['n_rows']} hidden states: {where} "
+                                     f"{record['n_examples']} examples of {Path(record['data']).name}")
+    fig.colorbar(im, ax=ax, label="linear CKA")
+    fig.suptitle(f"Representation similarity: {record['teacher_name']} vs {record['student_name']}")
+    return fig
+
+
+def parametric_figure(record: dict):
+    import matplotlib.pyplot as plt
+
+    mods = list(record["cka"])
+    cols = min(2, len(mods))
+    rows = (len(mods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows), squeeze=False, layout="constrained")
+    for ax, m in zip(axes.flat, mods):
+        im = _heatmap(ax, record["cka"][m], m)
+    for ax in list(axes.flat)[len(mods):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, label="linear CKA", shrink=0.8)
+    ref = record.get("reference_cka") or {}
+    ref = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ref.items())
+    fig.suptitle(f"Parametric similarity: {record['teacher_name']} vs {record['student_name']}\n"
+                 f"weights read through {record['n_rows']} vocabulary tokens"
+                 + (f"; reference CKA of {ref}" if ref else ""))
+    return fig
+
+
+def plot_representation(record: dict, out) -> str:
+    """representation_similarity.json record -> PNG heatmap `[teacher layers, student layers]`."""
+    return save_fig(representation_figure(record), out)
+
+
+def plot_parametric(record: dict, out) -> str:
+    """parametric_similarity.json record -> PNG, one heatmap per module."""
+    return save_fig(parametric_figure(record), out)
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(teacher: str, student: str, data: str, out_dir: str = "figures/similarity", n_examples: int = 16,
+         max_len: int = 256, batch_size: int = 4, positions: str = "all", max_tokens: int = 4096,
+         skip_first: int = 1, vocab_rows: int = 2048, modules="up_proj,down_proj,v_proj,o_proj",
+         analyses="representation,parametric", dtype: str = "auto", device: str | None = None, seed: int = 0):
+    """Write representation_similarity.{json,png} and parametric_similarity.{json,png} to --out_dir.
+
+    Args:
+        teacher: the larger model (HF directory or hub id); rows of every matrix.
+        student: the smaller model; columns. Same tokenizer for --positions all and for parametric.
+        data: chat JSONL ({"messages": [...]}); the first --n_examples records are read.
+        out_dir: where the four files go (written only once everything is computed).
+        n_examples: examples whose chat text (prompt + response) is run through both models.
+        max_len: tokens per example (truncated beyond).
+        batch_size: examples per forward pass.
+        positions: 'all' (every token, pooled) or 'last' (each example's last token).
+        max_tokens: with 'all', a seeded uniform subset of this many tokens (0: every token).
+        skip_first: with 'all', drop each example's first tokens (the attention sink's massive activations).
+        vocab_rows: vocabulary tokens (seeded uniform sample) through which weights are read.
+        modules: comma-separated, of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
+        analyses: 'representation', 'parametric' or both (comma-separated).
+        dtype: model dtype (auto = as saved, fp32, fp16, bf16); CKA is always computed in fp32.
+        device: default cuda when available, else cpu.
+        seed: for the token and vocabulary samples.
+    """
+    import torch
+
+    from pkt import similarity as sim
+    from pkt.data import load_chat_jsonl
+    from pkt.io import check_model_path, load_model, load_tokenizer, resolve_dtype, write_json
+
+    n_examples = _int(n_examples, "--n_examples", 2)
+    max_len = _int(max_len, "--max_len", 2)
+    batch_size = _int(batch_size, "--batch_size", 1)
+    max_tokens = _int(max_tokens, "--max_tokens", 0)          # 0: every token
+    vocab_rows = _int(vocab_rows, "--vocab_rows", 2)
+    skip_first = _int(skip_first, "--skip_first", 0)
+    seed = _int(seed, "--seed", 0)
+    if positions not in sim.POSITIONS:
+        fail(f"--positions {positions!r}: expected one of {', '.join(sim.POSITIONS)}")
+    modules = _names(modules, "--modules", sim.MODULES)
+    analyses = _names(analyses, "--analyses", ANALYSES)
+    resolve_dtype(dtype)
+    check_model_path(teacher, "--teacher")
+    check_model_path(student, "--student")
+    records = load_chat_jsonl(data)[:n_examples] if "representation" in analyses else []
+    if "representation" in analyses and len(records) < 2:
+        fail(f"--data {data}: needs at least 2 examples")
+    tok_t, tok_s = load_tokenizer(teacher), load_tokenizer(student)
+    if "parametric" in analyses and tok_t.get_vocab() != tok_s.get_vocab():
+        fail("--analyses parametric needs teacher and student to share one vocabulary (tokenizer)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    batches = {}
+    if records:
+        batches = {"teacher": sim.chat_batches(tok_t, records, max_len, batch_size),
+                   "student": sim.chat_batches(tok_s, records, max_len, batch_size)}
+        same = all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches["teacher"], batches["student"]))
+        if positions == "all" and not same:
+            fail("--positions all needs teacher and student to tokenize --data identically; use --positions last")
+        batches = {k: sim.select_positions(v, positions, max_tokens or None, skip_first, seed)
+                   for k, v in batches.items()}
+
+    token_ids = sim.vocab_sample(len(tok_t), vocab_rows, seed)
+    reps, sigs, n_layers = {}, {}, {}
+    t0 = time.time()
+    for role, path in (("teacher", teacher), ("student", student)):
+        model = load_model(path, dtype=dtype, device=device, flag=f"--{role}")
+        n_layers[role] = model.config.num_hidden_layers
+        if "representation" in analyses:
+            reps[role] = sim.hidden_states(model, batches[role], desc=f"{role} hidden states")
+        if "parametric" in analyses:
+            if model.get_input_embeddings().weight.shape[0] < len(tok_t):
+                fail(f"--{role} {path}: embedding matrix smaller than the tokenizer's vocabulary")
+            sigs[role] = sim.parametric_signatures(model, token_ids, modules, desc=f"{role} weights")
+            sigs[role].update(sim.embedding_signatures(model, token_ids))
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    common = {"teacher": str(teacher), "student": str(student), "teacher_name": _label(teacher),
+              "student_name": _label(student), "teacher_layers": n_layers["teacher"],
+              "student_layers": n_layers["student"], "seed": seed,
+              "layout": "cka[i][j]: teacher layer i (0-based) vs student layer j"}
+    out_dir = Path(out_dir)
+    results = []
+    if "representation" in analyses:
+        cka = sim.layer_cka(reps["teacher"], reps["student"], device=device)
+        rec = {**common, "metric": "linear CKA of the residual stream after each decoder layer",
+               "data": str(data), "n_examples": len(records), "max_len": max_len, "positions": positions,
+               "max_tokens": max_tokens, "skip_first": skip_first,
+               "n_rows": int(reps["teacher"][0].shape[0]),
+               "cka": [[round(float(v), 6) for v in row] for row in cka]}
+        results.append(("representation_similarity", rec, representation_figure))
+    if "parametric" in analyses:
+        cka = {m: sim.cka_matrix(sigs["teacher"][m], sigs["student"][m]) for m in modules}
+        rec = {**common, "metric": "linear CKA of each module's weight read in vocabulary space "
+                                   "(readers: normed input embeddings @ W^T; writers: normed unembedding @ W)",
+               "modules": modules, "n_rows": int(len(token_ids)),
+               "reference_cka": {k: round(float(sim.cka_matrix(sigs["teacher"][k], sigs["student"][k])), 6)
+                                 for k in ("input_embeddings", "unembeddings")},
+               "cka": {m: [[round(float(v), 6) for v in row] for row in c] for m, c in cka.items()}}
+        results.append(("parametric_similarity", rec, parametric_figure))
+    figures = [(name, rec, figure(rec)) for name, rec, figure in results]   # all drawn before any write
+    for name, rec, fig in figures:
+        write_json(out_dir / f"{name}.json", rec, indent=None)
+        print(save_fig(fig, out_dir / f"{name}.png"))
+    print(f"{time.time() - t0:.1f} s")
+    return None
+
+
+if __name__ == "__main__":
+    from pkt.io import run_cli
+
+    run_cli(main)
