@@ -84,4 +84,8 @@ echo "== 6/6 table and figures"
 python compare.py --runs "$RUNS" --out "$FIGURES/demo_results.md" --png "$FIGURES/demo_scores.png"
 python analysis/plot_training.py --log "$OUT/knowledge_translator/demo/train_log.jsonl" --out_dir "$FIGURES"
 python analysis/plot_neurons.py --transfer_json "$LATEN_MODEL/laten_transfer.json" --out "$FIGURES/laten_neurons.png"
+python analysis/similarity.py --teacher "$TEACHER" --student "$STUDENT" --data data/$TASK/${TASK}_extract_split.jsonl \
+  --n_examples 16 --out_dir "$OUT/similarity"
+cp "$OUT/similarity/representation_similarity.png" "$FIGURES/similarity_representation.png"
+cp "$OUT/similarity/parametric_similarity.png" "$FIGURES/similarity_parametric.png"
 echo "total wall-clock: $(( $(date +%s) - START )) s"
