@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -33,11 +34,30 @@ def cli(fn):
     return main
 
 
+def _check_flags(fn, argv: list[str]) -> None:
+    """Fire binds what it can and only complains about a mistyped flag after the run (having run with
+    the default instead): refuse flags the entry point does not take before anything starts."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    for arg in argv:
+        if arg == "--":                          # fire's own flags follow (--help, --trace, ...)
+            return
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            bare = name[2:] if name.startswith("no") else name      # fire's --noflag for False
+            if name not in params and bare not in params and name not in ("help", "h"):
+                fail(f"unknown flag --{name} (see --help)")
+
+
 def run_cli(component) -> None:
-    """`fire.Fire(component)` with PKTError -> exit 2 (also for errors raised by fire-called functions)."""
+    """`fire.Fire(component)` with PKTError -> exit 2 (also for errors raised by fire-called functions),
+    and unknown flags of a function entry point refused up front."""
     import fire
 
     try:
+        if inspect.isfunction(component):
+            _check_flags(component, sys.argv[1:])
         fire.Fire(component)
     except PKTError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -160,6 +180,18 @@ def load_model(name_or_path, dtype="auto", device=None, flag="--model", attn_imp
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), **extra)
     return model.to(device).eval()
+
+
+def meta_model(name_or_path, flag="--model"):
+    """A model on the meta device (shapes only, no memory): for plans and dry runs at full scale,
+    from a model directory, a hub name or a config directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_path(name_or_path, flag)
+    cfg = AutoConfig.from_pretrained(name_or_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
 
 
 def load_tokenizer(name_or_path):

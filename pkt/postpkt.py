@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from pkt.data import IGNORE, tokenize_example
-from pkt.io import fail
+from pkt.io import fail, meta_model
 
 log = logging.getLogger("pkt.postpkt")
 
@@ -266,19 +266,6 @@ def memory_plan(teacher, tracked_params: int, accum_device: str, model_device: s
 # The extraction end to end
 # ----------------------------------------------------------------------------------------------
 
-def student_skeleton(target, flag="--target_model"):
-    """The student on the meta device (shapes only, no memory): from a model directory / hub name
-    or a config directory (`--target_config`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pkt.io import check_model_path
-
-    check_model_path(target, flag)
-    cfg = AutoConfig.from_pretrained(target)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg)
-
-
 def plan_blocks(teacher, student, layers: list[int], modules: list[str]) -> list[Block]:
     """Blocks for the LoRA of every targeted student module; fails (before any heavy work) when a
     module is missing or the student is larger than the teacher in some dimension."""
@@ -354,8 +341,8 @@ def extract(source_model: str, target: str, data_path: str, output_dir: str, num
         if int(num_examples) < 1:
             fail(f"--num_examples {num_examples}: must be >= 1")
         records = records[:int(num_examples)]
-    student = student_skeleton(target, target_flag)
-    teacher_meta = student_skeleton(source_model, "--source_model")
+    student = meta_model(target, target_flag)
+    teacher_meta = meta_model(source_model, "--source_model")
     n_student = student.config.num_hidden_layers
     n_teacher = teacher_meta.config.num_hidden_layers
     if n_student > n_teacher:

@@ -342,3 +342,13 @@ def test_cli_missing_file_exit_2(teacher_dir, student_dir, data, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.jsonl'}: no such file"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["train_LaTen.py", "inference_LaTen.py", "finetune.py", "train_SemAlign.py"])
+def test_cli_mistyped_flag_exit_2_before_anything_runs(script, tmp_path):
+    # fire alone would run with the default in place of the mistyped flag, then complain
+    r = subprocess.run([sys.executable, str(ROOT / script), "--output_dir", str(tmp_path / "out"), "--learnig_rate", "1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: unknown flag --learnig_rate (see --help)"]
+    assert not (tmp_path / "out").exists()
