@@ -34,6 +34,8 @@ else
   EVAL_FLAGS="--limit 40 --gsm_limit 5 --max_new_tokens 160"; N_HELDOUT=16
 fi
 START=$(date +%s)
+# a re-run starts over (the prepared models in .cache/demo_models are kept)
+rm -rf "$OUT"/{knowledge_translator,laten,postpkt,semalign,eval,similarity}
 mkdir -p "$OUT" "$FIGURES"
 
 echo "== 1/7 models"
