@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pkt.eval import gsm  # noqa: E402
-from pkt.eval.generate import generate_hf, generate_vllm, load_vllm, vllm_available  # noqa: E402
+from pkt.eval.generate import (MIN_SHARED_PREFIX, generate_hf, generate_vllm, load_vllm,  # noqa: E402
+                               shared_prefix_len, vllm_available)
 from pkt.io import fail, load_model, load_tokenizer, run_cli  # noqa: E402
 
 
@@ -48,14 +49,15 @@ def bench_tokenizer(tokenizer_path=None):
     return make_tokenizer(), "pkt.testing.make_tokenizer (byte-level, vocab 300)"
 
 
-def time_hf(model, tok, prompts, batch_size, max_new_tokens) -> tuple[float, int]:
+def time_hf(model, tok, prompts, batch_size, max_new_tokens, prefix_cache=False) -> tuple[float, int]:
     """(seconds, generated tokens) for one generate_hf pass (after a small warm-up)."""
     generate_hf(model, tok, prompts[:1], max_new_tokens=4, batch_size=1)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.perf_counter()
     stats = {}
-    generate_hf(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats)
+    generate_hf(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats,
+                prefix_cache=prefix_cache)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t, stats["new_tokens"]
@@ -89,6 +91,12 @@ def main(device: str = "cpu", model_path=None, tokenizer_path=None, limit: int =
         rows.append((k, plen, "HF batch 1", s1, n1, n1 / s1, 1.0))
         rows.append((k, plen, f"HF batch {batch_size}", sb, nb, nb / sb, (nb / sb) / (n1 / s1)))
         print(f"{k}-shot: batch 1 {n1 / s1:.1f} tok/s, batch {batch_size} {nb / sb:.1f} tok/s", flush=True)
+        shared = shared_prefix_len(tok(prompts)["input_ids"])
+        if shared >= MIN_SHARED_PREFIX:     # the exemplars: prefilled once, their KV cache reused
+            sp, np_ = time_hf(model, tok, prompts, batch_size, max_new_tokens, prefix_cache=True)
+            rows.append((k, plen, f"HF batch {batch_size} + shared-prefix cache ({shared} tokens)", sp, np_,
+                         np_ / sp, (np_ / sp) / (n1 / s1)))
+            print(f"{k}-shot: batch {batch_size} + prefix cache {np_ / sp:.1f} tok/s", flush=True)
     if device == "cuda" and model_path and vllm_available():
         base = {k: r[5] for r in rows if r[2] == "HF batch 1" for k in [r[0]]}
         del model

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pkt.eval import evaluate, mmlu
-from pkt.eval.generate import generate_hf, next_token_logits, truncate_at_stop
+from pkt.eval.generate import (MIN_SHARED_PREFIX, generate_hf, next_token_logits, shared_prefix_len,
+                                truncate_at_stop)
 from pkt.eval.nll import response_nll
 from pkt.io import PKTError
 
@@ -58,6 +59,19 @@ def test_batched_greedy_equals_unbatched(tiny):
     one = generate_hf(model, tok, prompts, max_new_tokens=12, batch_size=1)
     many = generate_hf(model, tok, prompts, max_new_tokens=12, batch_size=4)
     assert one == many and all(len(o) == 1 for o in one)
+
+
+def test_shared_prefix_is_prefilled_once_and_changes_nothing(tiny):
+    model, tok = tiny
+    shots = "Question: the cat sat on the mat. Answer: yes it did.\n\n" * 6     # few-shot exemplars
+    prompts = [shots + f"Question: what {w} the dog? Answer:" for w in ("is", "was the big", "and", "has seen")]
+    rows = tok(prompts)["input_ids"]
+    assert shared_prefix_len(rows) >= MIN_SHARED_PREFIX
+    plain = generate_hf(model, tok, prompts, max_new_tokens=12, batch_size=1, prefix_cache=False)
+    cached = generate_hf(model, tok, prompts, max_new_tokens=12, batch_size=3, prefix_cache=True)
+    assert cached == plain
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2      # each row keeps a token to feed
+    assert shared_prefix_len([[1, 2, 3], [1, 5], [1, 2]]) == 1
 
 
 def test_stop_strings_cut_generation(tiny):

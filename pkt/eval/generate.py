@@ -32,24 +32,69 @@ class StopOnStrings(StoppingCriteria):
                             device=input_ids.device)
 
 
-def _by_length(tokenizer, prompts: list[str]) -> list[int]:
-    """Indices of prompts, longest first (similar lengths share a batch: less padding; OOM shows early)."""
-    lens = [len(x) for x in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    return sorted(range(len(prompts)), key=lambda i: -lens[i])
+def _longest_first(rows: list[list[int]]) -> list[int]:
+    """Indices of token rows, longest first (similar lengths share a batch: less padding; OOM shows early)."""
+    return sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+
+
+# Shortest shared prompt prefix worth caching (tokens): few-shot prompts share hundreds.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_len(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving at least one token of each row to feed the model."""
+    if len(rows) < 2:
+        return 0
+    a, b = min(rows), max(rows)          # the lexicographic extremes bound every row's common prefix
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return min(n, min(len(r) for r in rows) - 1)
+
+
+def _prefix_cache(model, prefix: list[int], device):
+    """The KV cache of the shared prefix, computed once (an 8-shot GSM8K prompt is ~800 tokens of
+    exemplars before each question: prefilling them once instead of per prompt is what vLLM's prefix
+    caching does; transformers' generate accepts a started cache, so no home-made decoder is needed)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _batch_after_prefix(rows: list[list[int]], P: int, pad_id: int, device):
+    """`[prefix | left padding | rest]` ids and mask for a batch whose rows share their first P tokens:
+    the pads sit between the cached prefix and each row's own tokens (masked; positions skip them)."""
+    T = max(len(r) for r in rows) - P
+    ids = torch.full((len(rows), P + T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P + T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :P] = torch.tensor(r[:P])
+        ids[i, P + T - (len(r) - P):] = torch.tensor(r[P:])
+        mask[i, :P] = 1
+        mask[i, P + T - (len(r) - P):] = 1
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, batch_size: int = 8,
                 stop: list[str] | None = None, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                desc: str = "generating", stats: dict | None = None) -> list[list[str]]:
+                desc: str = "generating", stats: dict | None = None, prefix_cache: bool = True) -> list[list[str]]:
     """Completions `[len(prompts)][n]` (stop strings cut off). temperature 0 = greedy.
     `stats`, when given, gets "new_tokens": the generated (non-pad) tokens, for throughput measurements.
 
     Each prompt is repeated n times, all sequences are sorted by prompt length and generated in
-    left-padded batches of `batch_size` sequences."""
+    left-padded batches of `batch_size` sequences. With `prefix_cache`, a token prefix that every
+    prompt shares (few-shot exemplars, >= MIN_SHARED_PREFIX tokens) is prefilled once and its KV cache
+    reused by every batch."""
+    import copy
+    import warnings
+
     tokenizer.padding_side = "left"
     seqs = [i for i in range(len(prompts)) for _ in range(n)]  # sequence -> prompt index
-    order = _by_length(tokenizer, [prompts[i] for i in seqs])
+    rows = tokenizer([prompts[i] for i in seqs], add_special_tokens=True)["input_ids"]
+    order = _longest_first(rows)
     out: list[list[str]] = [[] for _ in prompts]
     texts = [None] * len(seqs)
     device = next(model.parameters()).device
@@ -60,13 +105,23 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int = 512,
         kw.update(temperature=temperature, top_p=top_p)
     else:
         kw.update(temperature=None, top_p=None, top_k=None)
+    P = shared_prefix_len(rows) if prefix_cache else 0
+    cache = _prefix_cache(model, rows[0][:P], device) if P >= MIN_SHARED_PREFIX else None
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[b:b + batch_size]
-        enc = tokenizer([prompts[seqs[i]] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=True).to(device)
+        if cache is None:
+            enc = tokenizer([prompts[seqs[i]] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=True).to(device)
+        else:
+            ids, mask = _batch_after_prefix([rows[i] for i in idx], P, tokenizer.pad_token_id, device)
+            c = copy.deepcopy(cache)
+            c.batch_repeat_interleave(len(idx))
+            enc = dict(input_ids=ids, attention_mask=mask, past_key_values=c)
         plen = enc["input_ids"].shape[1]
         crit = StoppingCriteriaList([StopOnStrings(tokenizer, stop, plen)]) if stop else None
-        gen = model.generate(**enc, stopping_criteria=crit, **kw)  # [b, plen + new]
+        with warnings.catch_warnings():   # `past_key_values` is named `cache` from transformers 5.x on
+            warnings.simplefilter("ignore", FutureWarning)
+            gen = model.generate(**enc, stopping_criteria=crit, **kw)  # [b, plen + new]
         if stats is not None:
             stats["new_tokens"] = stats.get("new_tokens", 0) + int((gen[:, plen:] != tokenizer.pad_token_id).sum())
         for i, t in zip(idx, tokenizer.batch_decode(gen[:, plen:], skip_special_tokens=True)):
@@ -128,7 +183,7 @@ def next_token_logits(model, tokenizer, prompts: list[str], candidate_ids: list[
                       desc: str = "scoring") -> torch.Tensor:
     """Logits `[len(prompts), len(candidate_ids)]` of the candidate tokens right after each prompt."""
     tokenizer.padding_side = "left"
-    order = _by_length(tokenizer, prompts)
+    order = _longest_first(tokenizer(prompts, add_special_tokens=True)["input_ids"])
     out = torch.empty(len(prompts), len(candidate_ids))
     device = next(model.parameters()).device
     cand = torch.tensor(candidate_ids, device=device)
