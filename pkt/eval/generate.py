@@ -2,6 +2,8 @@
 prompts sorted by length, greedy or sampled, stop strings), optional vLLM, next-token logits."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -59,8 +61,13 @@ def _prefix_cache(model, prefix: list[int], device):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{_cache_kwarg(model): cache})
     return cache
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x (the old name warns, then goes)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _batch_after_prefix(rows: list[list[int]], P: int, pad_id: int, device):
@@ -89,7 +96,6 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int = 512,
     prompt shares (few-shot exemplars, >= MIN_SHARED_PREFIX tokens) is prefilled once and its KV cache
     reused by every batch."""
     import copy
-    import warnings
 
     tokenizer.padding_side = "left"
     seqs = [i for i in range(len(prompts)) for _ in range(n)]  # sequence -> prompt index
@@ -116,12 +122,10 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int = 512,
             ids, mask = _batch_after_prefix([rows[i] for i in idx], P, tokenizer.pad_token_id, device)
             c = copy.deepcopy(cache)
             c.batch_repeat_interleave(len(idx))
-            enc = dict(input_ids=ids, attention_mask=mask, past_key_values=c)
+            enc = {"input_ids": ids, "attention_mask": mask, _cache_kwarg(model): c}
         plen = enc["input_ids"].shape[1]
         crit = StoppingCriteriaList([StopOnStrings(tokenizer, stop, plen)]) if stop else None
-        with warnings.catch_warnings():   # `past_key_values` is named `cache` from transformers 5.x on
-            warnings.simplefilter("ignore", FutureWarning)
-            gen = model.generate(**enc, stopping_criteria=crit, **kw)  # [b, plen + new]
+        gen = model.generate(**enc, stopping_criteria=crit, **kw)  # [b, plen + new]
         if stats is not None:
             stats["new_tokens"] = stats.get("new_tokens", 0) + int((gen[:, plen:] != tokenizer.pad_token_id).sum())
         for i, t in zip(idx, tokenizer.batch_decode(gen[:, plen:], skip_special_tokens=True)):
