@@ -30,9 +30,9 @@ import torch
 from knowledge_translator import KnowledgeTranslator
 from modeling_llama_laten import inject, model_shape
 from pkt.attribution import locate
-from pkt.data import collate_left, load_chat_jsonl, locate_ids, tokenize_example
-from pkt.io import (append_jsonl, atomic_dir, check_model_path, fail, load_model, load_tokenizer, run_cli,
-                    truncate_log)
+from pkt.data import load_chat_jsonl, locate_ids, micro_batches
+from pkt.io import (append_jsonl, atomic_dir, check_model_path, default_device, fail, load_model, load_tokenizer,
+                    run_cli, truncate_log)
 from pkt.transfer import check_pair, deltas_for, extract, mse_penalty, neuron_counts, parse_modules, translate
 
 log = logging.getLogger("train_LaTen")
@@ -40,9 +40,6 @@ TRAINER_STATE = "trainer_state.pt"
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def default_dtype(device) -> str:
     return "bf16" if str(device).startswith("cuda") else "fp32"
@@ -64,13 +61,6 @@ def locate_pair(teacher, t_tok, student, s_tok, messages, rate, precision="fp32"
         sels.append(locate(model, [ids], n_layers=s_shape.layers, ffn_k=ffn_k, attn_k=attn_k, precision=precision,
                            **force))
     return sels[0], sels[1]
-
-
-def micro_batches(tok, records, size, cutoff_len, train_on_inputs, use_chat_template=False):
-    """Left-padded `{input_ids, attention_mask, labels}` micro-batches of `size` records, in order."""
-    examples = [tokenize_example(tok, r["messages"], cutoff_len=cutoff_len, train_on_inputs=train_on_inputs,
-                                 use_chat_template=use_chat_template) for r in records]
-    return [collate_left(examples[i:i + size], tok.pad_token_id) for i in range(0, len(examples), size)]
 
 
 def lm_loss(student, batch) -> torch.Tensor:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from pkt.data import collate_left, load_chat_jsonl, tokenize_example
-from pkt.io import (atomic_dir, check_model_path, fail, load_model, load_tokenizer, resolve_dtype, run_cli,
-                    write_json, write_jsonl)
+from pkt.data import load_chat_jsonl, micro_batches
+from pkt.io import (atomic_dir, check_model_path, default_device, fail, int_flag, load_model, load_tokenizer,
+                    number_flag, resolve_dtype, run_cli, write_json, write_jsonl)
 from pkt.semalign import (PAPER, Weights, alignment_map, check_shared_vocab, critical_layers, layer_attribution,
                           memory_plan, pair_layers, pairing_record, train_frontier)
 
@@ -33,31 +33,6 @@ log = logging.getLogger("train_SemAlign")
 CONFIG = "semalign_config.json"
 LOG = "semalign_log.jsonl"
 
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def batches_of(tok, records, size, cutoff_len, train_on_inputs, use_chat_template=False) -> list[dict]:
-    """Left-padded `{input_ids, attention_mask, labels}` batches of `size` records, in order."""
-    examples = [tokenize_example(tok, r["messages"], cutoff_len=cutoff_len, train_on_inputs=train_on_inputs,
-                                 use_chat_template=use_chat_template) for r in records]
-    return [collate_left(examples[i:i + size], tok.pad_token_id) for i in range(0, len(examples), size)]
-
-
-def _positive_int(value, flag, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        fail(f"{flag} {value!r}: expected a positive integer")
-    return value
-
-
-def _number(value, flag, low=0.0, strict=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or (value <= low if strict else value < low):
-        fail(f"{flag} {value!r}: expected a number {'>' if strict else '>='} {low:g}")
-    return float(value)
 
 
 def print_memory_plan(source_model, target_model, micro_batch_size, cutoff_len, dtype, budget_gb=75.0) -> dict:
@@ -122,24 +97,21 @@ def main(
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # ---- validate every flag before loading a model or writing a byte
-    max_examples = _positive_int(max_examples, "--max_examples")
-    attribution_examples = _positive_int(attribution_examples, "--attribution_examples")
-    micro_batch_size = _positive_int(micro_batch_size, "--micro_batch_size")
-    epochs_per_layer = _positive_int(epochs_per_layer, "--epochs_per_layer")
-    steps_per_layer = _positive_int(steps_per_layer, "--steps_per_layer", allow_none=True)
-    if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 2:
-        fail(f"--cutoff_len {cutoff_len!r}: expected an integer >= 2")
-    learning_rate = _number(learning_rate, "--learning_rate", strict=True)
-    weight_decay = _number(weight_decay, "--weight_decay")
-    max_grad_norm = _number(max_grad_norm, "--max_grad_norm")
-    relation_weight = _number(relation_weight, "--relation_weight")
-    kl_weight = _number(kl_weight, "--kl_weight")
+    max_examples = int_flag(max_examples, "--max_examples", 1)
+    attribution_examples = int_flag(attribution_examples, "--attribution_examples", 1)
+    micro_batch_size = int_flag(micro_batch_size, "--micro_batch_size", 1)
+    epochs_per_layer = int_flag(epochs_per_layer, "--epochs_per_layer", 1)
+    steps_per_layer = int_flag(steps_per_layer, "--steps_per_layer", 1, allow_none=True)
+    int_flag(cutoff_len, "--cutoff_len", 2)
+    learning_rate = number_flag(learning_rate, "--learning_rate", strict=True)
+    weight_decay = number_flag(weight_decay, "--weight_decay")
+    max_grad_norm = number_flag(max_grad_norm, "--max_grad_norm")
+    relation_weight = number_flag(relation_weight, "--relation_weight")
+    kl_weight = number_flag(kl_weight, "--kl_weight")
     if relation_weight == 0 and kl_weight == 0:
         fail("--relation_weight and --kl_weight are both 0: nothing to train")
-    if n_critical is not None and (isinstance(n_critical, bool) or not isinstance(n_critical, int) or n_critical < 0):
-        fail(f"--n_critical {n_critical!r}: expected an integer >= 0")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        fail(f"--seed {seed!r}: expected an integer")
+    int_flag(n_critical, "--n_critical", 0, allow_none=True)
+    int_flag(seed, "--seed")
     resolve_dtype(dtype)
     check_model_path(source_model, "--source_model")
     check_model_path(target_model, "--target_model")
@@ -173,8 +145,8 @@ def main(
     random.Random(seed).shuffle(order)
     chosen = [records[i] for i in order[:max_examples]]
     torch.manual_seed(seed)
-    batches = batches_of(s_tok, chosen, micro_batch_size, cutoff_len, train_on_inputs, use_chat_template)
-    attr_batches = batches_of(s_tok, chosen[:attribution_examples], micro_batch_size, cutoff_len, train_on_inputs,
+    batches = micro_batches(s_tok, chosen, micro_batch_size, cutoff_len, train_on_inputs, use_chat_template)
+    attr_batches = micro_batches(s_tok, chosen[:attribution_examples], micro_batch_size, cutoff_len, train_on_inputs,
                               use_chat_template)
 
     # ---- 1. attribution, 2. pairing, 3. alignment map

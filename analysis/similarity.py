@@ -21,12 +21,6 @@ except ImportError:  # run as a script: analysis/ is sys.path[0]
 ANALYSES = ("representation", "parametric")
 
 
-def _int(value, flag: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        fail(f"{flag} {value!r}: expected an integer >= {low}")
-    return value
-
-
 def _names(value, flag: str, allowed) -> list[str]:
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     items = [str(s).strip() for s in items if str(s).strip()]
@@ -131,15 +125,15 @@ def main(teacher: str, student: str, data: str, out_dir: str = "figures/similari
 
     from pkt import similarity as sim
     from pkt.data import load_chat_jsonl
-    from pkt.io import check_model_path, load_model, load_tokenizer, resolve_dtype, write_json
+    from pkt.io import check_model_path, default_device, int_flag, load_model, load_tokenizer, resolve_dtype, write_json
 
-    n_examples = _int(n_examples, "--n_examples", 2)
-    max_len = _int(max_len, "--max_len", 2)
-    batch_size = _int(batch_size, "--batch_size", 1)
-    max_tokens = _int(max_tokens, "--max_tokens", 0)          # 0: every token
-    vocab_rows = _int(vocab_rows, "--vocab_rows", 2)
-    skip_first = _int(skip_first, "--skip_first", 0)
-    seed = _int(seed, "--seed", 0)
+    n_examples = int_flag(n_examples, "--n_examples", 2)
+    max_len = int_flag(max_len, "--max_len", 2)
+    batch_size = int_flag(batch_size, "--batch_size", 1)
+    max_tokens = int_flag(max_tokens, "--max_tokens", 0)          # 0: every token
+    vocab_rows = int_flag(vocab_rows, "--vocab_rows", 2)
+    skip_first = int_flag(skip_first, "--skip_first", 0)
+    seed = int_flag(seed, "--seed", 0)
     if positions not in sim.POSITIONS:
         fail(f"--positions {positions!r}: expected one of {', '.join(sim.POSITIONS)}")
     modules = _names(modules, "--modules", sim.MODULES)
@@ -153,7 +147,7 @@ def main(teacher: str, student: str, data: str, out_dir: str = "figures/similari
     tok_t, tok_s = load_tokenizer(teacher), load_tokenizer(student)
     if "parametric" in analyses and tok_t.get_vocab() != tok_s.get_vocab():
         fail("--analyses parametric needs teacher and student to share one vocabulary (tokenizer)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
 
     batches = {}
     if records:

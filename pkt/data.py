@@ -130,6 +130,13 @@ def collate_left(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def micro_batches(tok, records, size, cutoff_len, train_on_inputs, use_chat_template=False) -> list[dict]:
+    """Left-padded `{input_ids, attention_mask, labels}` micro-batches of `size` chat records, in order."""
+    examples = [tokenize_example(tok, r["messages"], cutoff_len=cutoff_len, train_on_inputs=train_on_inputs,
+                                 use_chat_template=use_chat_template) for r in records]
+    return [collate_left(examples[i:i + size], tok.pad_token_id) for i in range(0, len(examples), size)]
+
+
 def task_split(task: str, split: str, data_dir="data") -> Path:
     """data/<task>/<task>_<split>_split.jsonl (split in extract, align, train)."""
     return Path(data_dir) / task / f"{task}_{split}_split.jsonl"

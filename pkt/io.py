@@ -64,6 +64,23 @@ def run_cli(component) -> None:
         sys.exit(2)
 
 
+def int_flag(value, flag: str, low: int | None = None, allow_none: bool = False):
+    """`value` as given on the command line, checked to be an integer (>= `low`), or a one-line error."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        fail(f"{flag} {value!r}: expected an integer" + (f" >= {low}" if low is not None else ""))
+    return value
+
+
+def number_flag(value, flag: str, low: float = 0.0, strict: bool = False) -> float:
+    """`value` checked to be a real number >= `low` (> `low` when `strict`; NaN refused), or a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or (value <= low if strict else value < low):
+        fail(f"{flag} {value!r}: expected a number {'>' if strict else '>='} {low:g}")
+    return float(value)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -170,13 +187,19 @@ def check_model_path(name_or_path: str, flag: str) -> None:
         fail(f"{flag} {s}: no config.json there (not a Hugging Face model directory)")
 
 
+def default_device() -> str:
+    """CUDA when present, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(name_or_path, dtype="auto", device=None, flag="--model", attn_implementation=None):
     """AutoModelForCausalLM in `dtype` ('auto' = as saved) on `device` (default: CUDA when present)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     check_model_path(name_or_path, flag)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), **extra)
     return model.to(device).eval()
