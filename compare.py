@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from pkt.io import atomic_path, fail, run_cli, write_text  # noqa: E402
+from pkt.io import atomic_path, fail, run_cli, write_text
 
 # (column title, task, key, is a percentage)
 METRICS = [("MMLU", "mmlu", "accuracy", True), ("GSM8K", "gsm", "accuracy", True),

@@ -9,13 +9,8 @@ Protocols and options: docs/evaluation.md.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from pkt.io import fail, run_cli  # noqa: E402
+from pkt.io import fail, run_cli
 
 
 def main(model_path=None, tasks="gsm,mmlu,humaneval,mbpp", output_dir="results", data_dir=None, limit=None,

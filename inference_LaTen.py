@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from knowledge_translator import KnowledgeTranslator
-from modeling_llama_laten import TRANSFER_MODULES, attention_neuron_v_rows, fold, linear
+from modeling_llama_laten import fold
+from pkt.model import attention_neuron_v_rows, linear, TRANSFER_MODULES
 from pkt.data import load_chat_jsonl
 from pkt.io import atomic_dir, check_model_path, fail, run_cli, write_json
 from pkt.transfer import deltas_for, extract, neuron_counts, translate

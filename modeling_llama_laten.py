@@ -1,4 +1,5 @@
-"""Traces and differentiable weight deltas on *stock* Hugging Face Llama / Qwen2 / Mistral models.
+"""LaTen's model layer: traces and differentiable weight deltas on *stock* Hugging Face Llama / Qwen2 / Mistral
+models (`trace`, `Delta`, `inject`, `fold`). Decoder access, shapes and module names live in `pkt.model`.
 
 Nothing here copies transformers' modeling code: everything is forward hooks on the unmodified
 modules (the TransformerLens habit), registered for the duration of a `with` block.
@@ -27,72 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pkt.io import fail
-
-ROW_MODULES = ("up_proj", "v_proj")    # delta rows: weight[index, :]
-COL_MODULES = ("down_proj", "o_proj")  # delta columns: weight[:, index]
-TRANSFER_MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
-
-
-@dataclass
-class Shape:
-    layers: int
-    hidden: int
-    ffn: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    @property
-    def attn_neurons(self) -> int:
-        return self.heads * self.head_dim
-
-
-def decoder_layers(model):
-    """The list of decoder layers of a Llama-like causal LM, or a one-line error."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    ok = layers is not None and len(layers) > 0 and hasattr(model, "lm_head") and hasattr(inner, "norm")
-    if ok:
-        l0 = layers[0]
-        attn, mlp = getattr(l0, "self_attn", None), getattr(l0, "mlp", None)
-        ok = (attn is not None and mlp is not None
-              and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-              and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
-              and not hasattr(attn, "q_norm"))  # q/k norms (Qwen3) would change the attention read-out
-    if not ok:
-        name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        fail(f"model type '{name}' is not Llama/Qwen2-like (needs model.layers[i].self_attn.{{q,k,v,o}}_proj, "
-             f"mlp.{{gate,up,down}}_proj, model.norm and lm_head)")
-    return layers
-
-
-def model_shape(model) -> Shape:
-    layers = decoder_layers(model)
-    attn, mlp = layers[0].self_attn, layers[0].mlp
-    head_dim = attn.head_dim
-    heads = attn.o_proj.in_features // head_dim
-    kv_heads = attn.v_proj.out_features // head_dim
-    return Shape(layers=len(layers), hidden=attn.o_proj.out_features, ffn=mlp.up_proj.out_features,
-                 heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=model.lm_head.out_features)
-
-
-def attention_neuron_v_rows(shape: Shape, neurons: torch.Tensor) -> torch.Tensor:
-    """v_proj rows feeding attention neurons `h*head_dim + j` (GQA-aware): `kv(h)*head_dim + j`."""
-    group = shape.heads // shape.kv_heads
-    return (neurons // shape.head_dim) // group * shape.head_dim + neurons % shape.head_dim
-
-
-def linear(model, layer: int, module: str) -> torch.nn.Linear:
-    layers = decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        fail(f"layer index {layer} out of range: the model has {len(layers)} layers")
-    block = layers[layer]
-    if module in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        return getattr(block.self_attn, module)
-    if module in ("gate_proj", "up_proj", "down_proj"):
-        return getattr(block.mlp, module)
-    fail(f"unknown module '{module}': expected one of {', '.join(TRANSFER_MODULES)}")
+from pkt.model import ROW_MODULES, decoder_layers, linear, model_shape
 
 
 # --------------------------------------------------------------------------------------------- trace

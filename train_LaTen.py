@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from knowledge_translator import KnowledgeTranslator
-from modeling_llama_laten import inject, model_shape
+from modeling_llama_laten import inject
+from pkt.model import model_shape
 from pkt.attribution import locate
 from pkt.data import load_chat_jsonl, locate_ids, micro_batches
-from pkt.io import (append_jsonl, atomic_dir, check_model_path, default_device, fail, load_model, load_tokenizer,
-                    run_cli, truncate_log)
+from pkt.io import (append_jsonl, atomic_dir, check_model_path, default_device, default_dtype, fail, load_model,
+                    load_tokenizer, run_cli, truncate_log)
 from pkt.transfer import check_pair, deltas_for, extract, mse_penalty, neuron_counts, parse_modules, translate
 
 log = logging.getLogger("train_LaTen")
@@ -40,10 +41,6 @@ TRAINER_STATE = "trainer_state.pt"
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def default_dtype(device) -> str:
-    return "bf16" if str(device).startswith("cuda") else "fp32"
-
 
 def locate_pair(teacher, t_tok, student, s_tok, messages, rate, precision="fp32", use_chat_template=False,
                 layers=None):

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from pkt.data import load_chat_jsonl, micro_batches
-from pkt.io import (atomic_dir, check_model_path, default_device, fail, int_flag, load_model, load_tokenizer,
-                    number_flag, resolve_dtype, run_cli, write_json, write_jsonl)
+from pkt.io import (atomic_dir, check_model_path, default_device, default_dtype, fail, int_flag, load_model,
+                    load_tokenizer, number_flag, resolve_dtype, run_cli, write_json, write_jsonl)
 from pkt.semalign import (PAPER, Weights, alignment_map, check_shared_vocab, critical_layers, layer_attribution,
                           memory_plan, pair_layers, pairing_record, train_frontier)
 
@@ -130,7 +130,7 @@ def main(
     check_shared_vocab(t_tok, s_tok)
     teacher_device = teacher_device or default_device()
     student_device = student_device or default_device()
-    dtype = dtype or ("bf16" if str(student_device).startswith("cuda") else "fp32")
+    dtype = dtype or default_dtype(student_device)
     teacher = load_model(source_model, dtype, teacher_device, "--source_model")
     student = load_model(target_model, dtype, student_device, "--target_model")
     teacher.requires_grad_(False)

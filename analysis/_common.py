@@ -1,19 +1,14 @@
-"""Shared plumbing for the figure scripts: repo on sys.path, Agg backend, atomic PNG writes."""
+"""Shared plumbing for the figure scripts: Agg backend, JSON reading, atomic PNG writes."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 
-from pkt.io import atomic_path, fail  # noqa: E402
+from pkt.io import atomic_path, fail
 
 
 def read_json(path, what: str):

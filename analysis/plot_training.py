@@ -14,7 +14,7 @@ try:
     from analysis._common import fail, read_json, save_fig
 except ImportError:  # run as a script: analysis/ is sys.path[0]
     from _common import fail, read_json, save_fig
-from pkt.data import load_jsonl  # noqa: E402  (the repository root is on sys.path via _common)
+from pkt.data import load_jsonl
 
 LOSS_KEYS = ("loss", "lm_loss", "mse_loss")
 LAYER_KEYS = ("teacher_ffn_layers", "student_ffn_layers", "teacher_attn_layers", "student_attn_layers")

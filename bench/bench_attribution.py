@@ -13,17 +13,14 @@ per-neuron scores need.
 from __future__ import annotations
 
 import platform
-import sys
 import time
-from pathlib import Path
 
 import fire
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modeling_llama_laten import trace  # noqa: E402
-from pkt.attribution import locate, make_readout  # noqa: E402
-from pkt.testing import LLAMA2_SHAPES  # noqa: E402
+from modeling_llama_laten import trace
+from pkt.attribution import locate, make_readout
+from pkt.testing import LLAMA2_SHAPES
 
 SHAPES = {
     "cpu-1024": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=16, num_attention_heads=16,

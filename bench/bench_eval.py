@@ -10,19 +10,17 @@ Target: batched >= 5x the batch-1 throughput.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pkt.eval import gsm  # noqa: E402
-from pkt.eval.generate import (MIN_SHARED_PREFIX, generate_hf, generate_vllm, load_vllm,  # noqa: E402
+from pkt.eval import gsm
+from pkt.eval.generate import (MIN_SHARED_PREFIX, generate_hf, generate_vllm, load_vllm,
                                shared_prefix_len, vllm_available)
-from pkt.io import fail, load_model, load_tokenizer, run_cli  # noqa: E402
+from pkt.io import fail, load_model, load_tokenizer, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def random_llama(vocab: int, device, dtype, hidden=512, layers=8, heads=8, ffn=1376, seed=0):

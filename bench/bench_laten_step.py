@@ -12,21 +12,19 @@ Target: 13B -> 7B on one 80 GB GPU, <= 75 GB peak, <= 10 s/step.
 from __future__ import annotations
 
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from knowledge_translator import KnowledgeTranslator  # noqa: E402
-from modeling_llama_laten import model_shape  # noqa: E402
-from pkt.attribution import locate  # noqa: E402
-from pkt.io import fail, run_cli  # noqa: E402
-from pkt.transfer import check_pair, extract, neuron_counts  # noqa: E402
-from train_LaTen import align_step, enable_checkpointing, freeze  # noqa: E402
+from knowledge_translator import KnowledgeTranslator
+from pkt.model import model_shape
+from pkt.attribution import locate
+from pkt.io import fail, run_cli
+from pkt.transfer import check_pair, extract, neuron_counts
+from train_LaTen import align_step, enable_checkpointing, freeze
 
 GB = 1024 ** 3
 LLAMA2 = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),

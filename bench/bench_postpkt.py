@@ -15,16 +15,13 @@ import datetime
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import fire
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pkt.postpkt import max_sum_submatrix, max_sum_submatrix_bruteforce, sensitivity  # noqa: E402
-from pkt.testing import LLAMA2_SHAPES  # noqa: E402
+from pkt.postpkt import max_sum_submatrix, max_sum_submatrix_bruteforce, sensitivity
+from pkt.testing import LLAMA2_SHAPES
 
 SHAPES = LLAMA2_SHAPES
 # (name, teacher shape, student block) for one 13B -> 7B layer, plus the embeddings.

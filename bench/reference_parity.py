@@ -3,15 +3,14 @@
     python bench/reference_parity.py [--device cuda]
 """
 import json
-import sys
 from pathlib import Path
 
 import fire
 import torch
 
+from pkt.attribution import locate, valid_topk_fraction
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from pkt.attribution import locate, valid_topk_fraction  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "tiny_llama"
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from modeling_llama_laten import Trace, decoder_layers, model_shape, trace
+from modeling_llama_laten import Trace, trace
+
+from pkt.model import decoder_layers, model_shape
 from pkt.io import fail
 
 PRECISIONS = ("fp32", "reference")

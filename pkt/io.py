@@ -20,20 +20,6 @@ def fail(msg: str) -> None:
     raise PKTError(msg)
 
 
-def cli(fn):
-    """Wrap a fire entry point: a PKTError becomes `error: <msg>` on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def main(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PKTError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    return main
-
-
 def _check_flags(fn, argv: list[str]) -> None:
     """Fire binds what it can and only complains about a mistyped flag after the run (having run with
     the default instead): refuse flags the entry point does not take before anything starts."""
@@ -50,18 +36,128 @@ def _check_flags(fn, argv: list[str]) -> None:
                 fail(f"unknown flag --{name} (see --help)")
 
 
-def run_cli(component) -> None:
-    """`fire.Fire(component)` with PKTError -> exit 2 (also for errors raised by fire-called functions),
-    and unknown flags of a function entry point refused up front."""
+def run_cli(component, config=None) -> None:
+    """`fire.Fire(component)` with PKTError -> `error: <msg>` on stderr and exit 2 (also for errors raised by
+    fire-called functions), and unknown flags of a function entry point refused up front.
+
+    With `config` (a dataclass), the command line fills the dataclass instead: its fields are the flags
+    (`--help` lists them), each value is checked against the field's type (`config_from_flags`), the
+    dataclass validates itself in `__post_init__`, and `component(cfg)` runs. One place lists a stage's
+    options; nothing relays them parameter by parameter."""
     import fire
 
     try:
+        if config is not None:
+            component = config_entry(component, config)
         if inspect.isfunction(component):
             _check_flags(component, sys.argv[1:])
         fire.Fire(component)
     except PKTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def config_entry(fn, config):
+    """A fire-callable whose signature is the dataclass `config`'s: flags -> `config_from_flags` -> `fn(cfg)`."""
+
+    import typing
+
+    hints = typing.get_type_hints(config)
+    sig = inspect.signature(config)
+    sig = sig.replace(parameters=[p.replace(annotation=hints.get(p.name, p.annotation))
+                                  for p in sig.parameters.values()])
+
+    def entry(*args, **flags):
+        try:
+            bound = sig.bind(*args, **flags)
+        except TypeError as e:
+            fail(f"{e} (see --help)")
+        return fn(config_from_flags(config, bound.arguments))
+
+    entry.__signature__ = sig
+    entry.__doc__ = "\n\n".join(d for d in (inspect.getdoc(fn), inspect.getdoc(config)) if d)
+    entry.__name__ = entry.__qualname__ = fn.__name__
+    return entry
+
+
+def config_from_flags(config, flags: dict):
+    """Build the dataclass `config` from command-line values, checking each against its field's annotation:
+    `int` (not bool), `float` (any real number), `bool`, `str` (fire's numbers and comma tuples become text,
+    so `--output_dir 123` is a path), `X | None`; other annotations pass through. A wrong type is a one-line
+    error naming the flag and the value; range checks are the dataclass's own `__post_init__`."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config)
+    names = {f.name for f in dataclasses.fields(config)}
+    kwargs = {}
+    for name, value in flags.items():
+        if name not in names:
+            fail(f"unknown flag --{name} (see --help)")
+        kwargs[name] = _typed_flag(f"--{name}", value, hints.get(name))
+    return config(**kwargs)
+
+
+def _typed_flag(flag: str, value, hint):
+    import types
+    import typing
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            return value
+        hint = inner[0]
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            fail(f"{flag} {value!r}: expected True or False")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(f"{flag} {value!r}: expected an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{flag} {value!r}: expected a number")
+        return float(value)
+    elif hint is str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            fail(f"{flag} {value!r}: expected text")
+    return value
+
+
+def parse_list(value, flag: str, cast=str, choices=None, allow_empty: bool = False) -> list:
+    """A list flag as fire hands it over (`a,b`, `[a, b]`, a tuple/list, or one scalar) -> a list of `cast`
+    values, order kept, duplicates dropped; `choices` restricts the values. One-line errors name the flag."""
+    if value is None:
+        items = []
+    elif isinstance(value, str):
+        items = [s.strip().strip("'\"") for s in value.strip().strip("[]()").split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    out = []
+    for v in items:
+        if isinstance(v, str) and not v.strip():
+            continue
+        try:
+            v = cast(v.strip() if isinstance(v, str) else v)
+        except (TypeError, ValueError):
+            fail(f"{flag} {value!r}: {v!r} is not {getattr(cast, '__name__', 'valid')}")
+        if choices is not None and v not in choices:
+            fail(f"{flag}: unknown value {v!r} (choose from {', '.join(map(str, choices))})")
+        if v not in out:
+            out.append(v)
+    if not out and not allow_empty:
+        fail(f"{flag} is empty")
+    return out
 
 
 def int_flag(value, flag: str, low: int | None = None, allow_none: bool = False):
@@ -168,9 +264,18 @@ DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16":
           "bf16": "bfloat16", "bfloat16": "bfloat16", "auto": "auto"}
 
 
-def resolve_dtype(dtype):
+def default_dtype(device) -> str:
+    """The compute dtype a stage uses when none is given: bf16 on CUDA, fp32 elsewhere."""
+    return "bf16" if str(device).startswith("cuda") else "fp32"
+
+
+def resolve_dtype(dtype, device=None):
+    """`--dtype` (fp32/fp16/bf16/auto, their long names or a torch.dtype) -> torch.dtype or "auto";
+    None -> `default_dtype(device)` when a device is given, else None."""
     import torch
 
+    if dtype is None and device is not None:
+        dtype = default_dtype(device)
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype) not in DTYPES:

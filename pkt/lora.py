@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pkt.io import (append_jsonl, atomic_dir, check_model_path, fail, load_model, load_tokenizer, save_tensors,
-                    truncate_log, write_json)
+from pkt.io import (append_jsonl, atomic_dir, check_model_path, default_dtype, fail, load_model, load_tokenizer,
+                    save_tensors, truncate_log, write_json)
 
 log = logging.getLogger("pkt.lora")
 
@@ -131,7 +131,7 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
              f"({micro_batch_size} x {world})")
     accum = int(batch_size) // (int(micro_batch_size) * world)
     torch.manual_seed(seed)
-    dtype = dtype or ("bf16" if acc.device.type == "cuda" else "fp32")
+    dtype = dtype or default_dtype(acc.device.type)
 
     # ---- data: response-only labels, one fixed order per epoch (seed + epoch)
     tokenizer = load_tokenizer(base_model)

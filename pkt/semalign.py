@@ -21,7 +21,6 @@ Everything is forward hooks on stock Hugging Face Llama-like models; nothing cop
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -31,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from modeling_llama_laten import decoder_layers
+from pkt.model import decoder_layers, residual_stream, run_until, unembedding
 from pkt.data import IGNORE
 from pkt.io import fail
 
@@ -41,11 +40,6 @@ PAPER = "arXiv 2510.24208 v2 (18 May 2026), with the layer pairing of v1 (Oct 20
 
 
 # ------------------------------------------------------------------------------------ model access
-def unembedding(model) -> torch.Tensor:
-    """The output embedding weight `[V, d]` (tied or not)."""
-    return model.get_output_embeddings().weight
-
-
 def final_norm(model) -> torch.nn.Module:
     decoder_layers(model)  # a one-line error for non-Llama-like models
     return model.model.norm
@@ -66,63 +60,11 @@ def check_shared_vocab(t_tok, s_tok, teacher=None, student=None, source="--sourc
                  "to share one vocabulary")
 
 
-class StopForward(Exception):
-    """Raised by a `capture(..., stop_after=d)` hook once depth d is recorded: the rest of the forward is skipped."""
-
-
-@contextlib.contextmanager
-def capture(model, depths, leaf_embeddings: bool = False, stop_after: int | None = None):
-    """Record the residual stream at `depths` (0 = embedding output, d = output of layers[d-1]) during the
-    forward passes of the `with` block -> dict depth -> `[B, T, d]` (the model's dtype, in the graph).
-
-    `leaf_embeddings`: the embedding output becomes a leaf that requires grad, so activation gradients
-    exist even when every parameter is frozen (layer attribution on a frozen teacher).
-    `stop_after`: raise `StopForward` right after that depth is recorded (see `run_until`)."""
-    layers = decoder_layers(model)
-    out: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def keep(d):
-        def hook(mod, args, o):
-            out[d] = o[0] if isinstance(o, tuple) else o
-            if d == stop_after:
-                raise StopForward
-        return hook
-
-    def embed_hook(mod, args, o):
-        if leaf_embeddings:
-            o = o.detach().requires_grad_(True)
-        out[0] = o
-        return o
-
-    try:
-        if 0 in depths or leaf_embeddings:
-            handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
-        for d in sorted((set(depths) | ({stop_after} if stop_after else set())) - {0}):
-            if not 1 <= d <= len(layers):
-                fail(f"depth {d} out of range: the model has {len(layers)} layers")
-            handles.append(layers[d - 1].register_forward_hook(keep(d)))
-        yield out
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def run_until(model, batch_ids, mask, depths) -> dict[int, torch.Tensor]:
-    """Residual streams at `depths`, running the decoder only up to the deepest of them (no LM head)."""
-    with capture(model, depths, stop_after=max(depths) or None) as hs:
-        try:
-            model.model(input_ids=batch_ids, attention_mask=mask, use_cache=False)
-        except StopForward:
-            pass
-    return hs
-
-
 def logits_at(model, ids, mask, labels, depths=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Next-token logits only at the positions the LM loss supervises (`labels[:, t+1] != -100`) -> `[N, V]`
     in row-major (example, position) order, plus the residual streams at `depths`. The LM head runs on
     those N rows only (not on `[B, T]`)."""
-    with capture(model, depths) as hs:
+    with residual_stream(model, depths) as hs:
         h = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     sel = labels[:, 1:] != IGNORE
     return model.get_output_embeddings()(h[:, :-1][sel.to(h.device)]), hs
@@ -168,7 +110,7 @@ def layer_attribution(model, batches: list[dict], progress: bool = True) -> torc
     count = 0
     for batch in tqdm(batches, desc="attribution", disable=not progress, leave=False):
         ids, mask, labels = _to(batch, dev)
-        with torch.enable_grad(), capture(model, range(1, L + 1), leaf_embeddings=True) as hs:
+        with torch.enable_grad(), residual_stream(model, range(1, L + 1), leaf_embeddings=True) as hs:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss, valid = per_example_lm_loss(logits, labels)
             if not valid.any():

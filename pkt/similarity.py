@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from modeling_llama_laten import decoder_layers, linear
+from pkt.model import decoder_layers, linear
 from pkt.data import collate_left, tokenize_example
 from pkt.io import fail
 

@@ -11,7 +11,9 @@ import logging
 
 import torch
 
-from modeling_llama_laten import Delta, Shape, attention_neuron_v_rows, linear, model_shape
+from modeling_llama_laten import Delta
+
+from pkt.model import attention_neuron_v_rows, linear, model_shape, Shape
 from pkt.io import fail
 
 log = logging.getLogger("pkt.transfer")

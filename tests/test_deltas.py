@@ -3,7 +3,9 @@ import pytest
 import torch
 from conftest import make_llama, make_qwen2
 
-from modeling_llama_laten import Delta, attention_neuron_v_rows, fold, inject, model_shape
+from modeling_llama_laten import Delta, fold, inject
+
+from pkt.model import attention_neuron_v_rows, model_shape
 from pkt.io import PKTError
 
 

@@ -15,7 +15,8 @@ import inference_LaTen
 import train_LaTen
 from conftest import ROOT, make_llama, save_model
 from knowledge_translator import KnowledgeTranslator
-from modeling_llama_laten import inject, model_shape
+from modeling_llama_laten import inject
+from pkt.model import model_shape
 from pkt.io import PKTError, load_model, load_tokenizer
 from pkt.transfer import deltas_for, extract, mse_penalty, translate
 
