@@ -18,14 +18,19 @@ ROLES = ("system", "user", "assistant")
 LOCATE_STRIP = '. ")\n,]'  # trailing characters the reference strips before locating
 
 
-def load_jsonl(path, require: tuple[str, ...] = (), allow_empty: bool = False) -> list[dict]:
-    """Read a JSONL file; a bad line or missing field is a one-line error naming file:line:field."""
+def load_jsonl(path, require: tuple[str, ...] = (), allow_empty: bool = False, check=None) -> list[dict]:
+    """Read a JSONL file. A line that is not UTF-8 or not a JSON object, a missing `require`d field, or a record
+    for which `check(record)` returns a message is a one-line error naming file:line (blank lines count)."""
     p = Path(path)
     if not p.is_file():
         fail(f"{path}: no such file")
     records = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                fail(f"{path}:{n}: not UTF-8 text")
             if not line.strip():
                 continue
             try:
@@ -37,25 +42,30 @@ def load_jsonl(path, require: tuple[str, ...] = (), allow_empty: bool = False) -
             for field in require:
                 if field not in rec:
                     fail(f"{path}:{n}: missing field '{field}'")
+            problem = check(rec) if check else None
+            if problem:
+                fail(f"{path}:{n}: {problem}")
             records.append(rec)
     if not records and not allow_empty:
         fail(f"{path}: no records")
     return records
 
 
+def _chat_problem(rec: dict) -> str | None:
+    msgs = rec["messages"]
+    if not isinstance(msgs, list) or len(msgs) < 2:
+        return "field 'messages' needs at least a user and an assistant turn"
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return "field 'messages' has an entry without a valid role/content"
+    if msgs[-1]["role"] != "assistant":
+        return "field 'messages' must end with an assistant turn"
+    return None
+
+
 def load_chat_jsonl(path) -> list[dict]:
     """Chat records `{"messages": [{"role", "content"}, ...]}` ending with an assistant turn."""
-    records = load_jsonl(path, require=("messages",))
-    for n, rec in enumerate(records, 1):
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or len(msgs) < 2:
-            fail(f"{path}:{n}: field 'messages' needs at least a user and an assistant turn")
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                fail(f"{path}:{n}: field 'messages' has an entry without a valid role/content")
-        if msgs[-1]["role"] != "assistant":
-            fail(f"{path}:{n}: field 'messages' must end with an assistant turn")
-    return records
+    return load_jsonl(path, require=("messages",), check=_chat_problem)
 
 
 def chat_turn(role: str, content: str) -> str:

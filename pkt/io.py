@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import errno
+import glob
 import inspect
 import json
+import logging
+import math
 import os
 import shutil
 import sys
@@ -169,13 +172,24 @@ def int_flag(value, flag: str, low: int | None = None, allow_none: bool = False)
     return value
 
 
-def number_flag(value, flag: str, low: float = 0.0, strict: bool = False) -> float:
-    """`value` checked to be a real number >= `low` (> `low` when `strict`; NaN refused), or a one-line error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or (value <= low if strict else value < low):
-        fail(f"{flag} {value!r}: expected a number {'>' if strict else '>='} {low:g}")
+def number_flag(value, flag: str, low: float = 0.0, strict: bool = False, high: float | None = None,
+                high_strict: bool = False) -> float:
+    """`value` checked to be a finite real number >= `low` (> `low` when `strict`) and, with `high`, <= `high`
+    (< when `high_strict`), or a one-line error naming the flag and the value."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+        or (value <= low if strict else value < low) \
+        or (high is not None and (value >= high if high_strict else value > high))
+    if bad:
+        rng = f"{'>' if strict else '>='} {low:g}" + (f" and {'<' if high_strict else '<='} {high:g}"
+                                                       if high is not None else "")
+        fail(f"{flag} {value!r}: expected a number {rng}")
     return float(value)
 
+
+# ------------------------------------------------------------------------------------------- outputs
+# Nothing a user already has is replaced without --overwrite, nothing is replaced before the new output is
+# complete, and no output is ever one of the inputs: `check_output` says so up front, before any model loads;
+# `atomic_dir` / `atomic_path` write into a temporary sibling and rename it into place at the end.
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -183,46 +197,116 @@ def _umask() -> int:
     return mask
 
 
-def _tmp_sibling(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; outputs get ordinary permissions
-    return Path(tmp)
+def _resolved(p) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def check_output(path, flag: str, overwrite: bool = False, inputs: dict | None = None) -> Path:
+    """Refuse an output path before anything runs: an existing file or non-empty directory unless `overwrite`,
+    and always one that is, contains or lies inside an input (`inputs`: flag -> local path; hub ids and
+    missing paths are skipped). Returns the path."""
+    out = _resolved(path)
+    for in_flag, given in (inputs or {}).items():
+        if given is None or not Path(str(given)).expanduser().exists():
+            continue
+        src = _resolved(given)
+        if out == src:
+            fail(f"{flag} {path}: is the input {in_flag} itself")
+        if src.is_relative_to(out):
+            fail(f"{flag} {path}: contains the input {in_flag} {given}")
+        if out.is_relative_to(src) and src.is_dir():
+            fail(f"{flag} {path}: lies inside the input {in_flag} {given}")
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        fail(f"{flag} {path}: already exists and is not empty (pass --overwrite True to replace it)")
+    if out.exists() and not (out.is_dir() or out.is_file()):
+        fail(f"{flag} {path}: exists and is neither a file nor a directory")
+    return Path(path)
+
+
+def _tmp_prefix(path: Path) -> str:
+    # The writer's pid is in the name, so a later run can tell a dead writer's leftovers from a live one's.
+    return f".{path.name}.pid{os.getpid()}."
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    """Delete `.<name>.pid<N>.*.tmp` siblings left by writers that no longer run (a kill, a full disk)."""
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.glob(f".{glob.escape(path.name)}.pid*.tmp"):
+        pid = p.name[len(path.name) + 5:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ordinary_permissions(root: Path) -> None:
+    """Give what was written the user's umask (mkstemp/mkdtemp and some writers make 0600/0700)."""
+    mask = _umask()
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Disk errors while writing `path` (full, read-only, no permission) become one-line errors."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG):
+            fail(f"cannot write {path}: {e.strerror}")
+        raise
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary sibling file path; on success it is renamed onto `path`, else removed."""
     path = Path(path)
-    tmp = _tmp_sibling(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_siblings(path)
+        fd, name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            _ordinary_permissions(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary sibling directory; on success it replaces `path` (old contents dropped)."""
+    """Yield a temporary sibling directory; on success it replaces `path` (old contents dropped: callers
+    refuse existing outputs first with `check_output`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_siblings(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            _ordinary_permissions(tmp)
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
+                os.replace(path, old / "old")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path, text: str) -> None:
@@ -245,19 +329,65 @@ def append_jsonl(path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_log(path) -> list[dict]:
+    """The records of a JSONL train log. A torn last line (what a kill or a full disk leaves) is dropped with a
+    warning; a bad line before the last is a one-line error naming file:line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(ln.strip() for ln in lines[n:]):
+                fail(f"{path}:{n}: not valid JSON (a damaged train log)")
+            logging.getLogger("pkt.io").warning("%s:%d: torn last line dropped (an interrupted write)", path, n)
+    return out
+
+
 def truncate_log(path, first_step: int) -> None:
-    """Drop the lines of a JSONL train log whose "step" is >= `first_step` (a resumed run redoes them)."""
+    """Keep only the records of a JSONL train log whose "step" is < `first_step` (a resumed run redoes the
+    rest); a torn last line is dropped (`read_log`)."""
     path = Path(path)
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < first_step]
-        write_text(path, "".join(ln + "\n" for ln in lines))
+        write_jsonl(path, [r for r in read_log(path) if r.get("step", first_step) < first_step])
+
+
+def check_finite(tensors, what: str) -> None:
+    """A one-line error when any tensor of `tensors` (name -> tensor, or a module) holds NaN/inf: nothing with
+    non-finite values is ever saved."""
+    import torch
+
+    items = tensors.named_parameters() if isinstance(tensors, torch.nn.Module) else tensors.items()
+    for name, t in items:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            fail(f"{what}: {name} has {n} non-finite value(s); nothing was saved")
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """safetensors file, written atomically; refuses non-finite tensors."""
     from safetensors.torch import save_file
 
+    check_finite(tensors, str(path))
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def save_model(model, path, tokenizer=None, files: dict | None = None) -> None:
+    """A Hugging Face model directory (safetensors, config, tokenizer, and `files`: name -> JSON-able object)
+    written atomically; refuses a model with non-finite weights, so no broken model is ever saved."""
+    check_finite(model, f"model for {path}")
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (files or {}).items():
+            write_json(Path(tmp) / name, obj)
 
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
