@@ -20,11 +20,10 @@ import torch
 
 
 from knowledge_translator import KnowledgeTranslator
-from pkt.model import model_shape
 from pkt.attribution import locate
 from pkt.io import fail, run_cli
-from pkt.transfer import check_pair, extract, neuron_counts
-from train_LaTen import align_step, enable_checkpointing, freeze
+from pkt.laten import (ModelPair, align_step, check_pair, enable_checkpointing, extract, freeze, neuron_counts,
+                       save_checkpoint)
 
 GB = 1024 ** 3
 LLAMA2 = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
@@ -84,11 +83,14 @@ def bench(device="cpu", steps=None, n_align=None, seq=None, transfer_rate=0.1, m
     build_s = time.time() - t0
     if gradient_checkpointing if gradient_checkpointing is not None else cuda:
         enable_checkpointing(student)
-    t_shape, s_shape = model_shape(teacher), model_shape(student)
+    pair = ModelPair(teacher, student, None, None, device)   # random token ids: no tokenizers
+    t_shape, s_shape = pair.teacher_shape, pair.student_shape
     ffn_k, attn_k = neuron_counts(s_shape, transfer_rate)
     check_pair(t_shape, s_shape, ffn_k, attn_k)
     translator = KnowledgeTranslator(t_shape.hidden, s_shape.hidden).to(device)
     opt = torch.optim.AdamW(translator.parameters(), lr=3e-4, weight_decay=0.05, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=steps + 1, pct_start=0.1,
+                                                final_div_factor=1, anneal_strategy="cos")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rows = []
@@ -102,17 +104,17 @@ def bench(device="cpu", steps=None, n_align=None, seq=None, transfer_rate=0.1, m
         s_sel = locate(student, [ids], n_layers=s_shape.layers, ffn_k=ffn_k, attn_k=attn_k)
         sync(device)
         t["locate"] = time.time()
-        knowledge = {m: v.to(device) for m, v in extract(teacher, t_sel, translator.modules_).items()}
+        knowledge = extract(teacher, t_sel, translator.modules_, t_shape, device=device)
         align_step(translator, knowledge, student, s_sel, batches, step=step)
         sync(device)
         t["align"] = time.time()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sched.step()
         sync(device)
         t["optim"] = time.time()
         if save:
-            translator.save(Path(tmp.name) / f"checkpoint_{step}")
-            torch.save({"optimizer": opt.state_dict()}, Path(tmp.name) / f"checkpoint_{step}" / "trainer_state.pt")
+            save_checkpoint(Path(tmp.name), step, translator, opt, sched, list(range(steps + 1)))
         t["save"] = time.time()
         del knowledge
         if step:

@@ -21,6 +21,7 @@ import torch
 from modeling_llama_laten import Trace, trace
 
 from pkt.model import decoder_layers, model_shape
+from pkt.data import left_pad
 from pkt.io import fail
 
 PRECISIONS = ("fp32", "reference")
@@ -233,12 +234,7 @@ def _batch(examples, pad_id: int = 0):
     for i, r in enumerate(rows):
         if len(r) < 2:
             fail(f"example {i} has {len(r)} token(s): need at least 2 (input and target)")
-    n = max(len(r) for r in rows) - 1
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r) + 1:] = torch.tensor(r[:-1])
-        mask[i, n - len(r) + 1:] = 1
+    ids, mask = left_pad([r[:-1] for r in rows], pad_id)
     return ids, mask, torch.tensor([r[-1] for r in rows])
 
 

@@ -125,18 +125,30 @@ def tokenize_example(tokenizer, messages: list[dict], cutoff_len: int = 768, tra
     return {"input_ids": ids, "labels": labels}
 
 
+def left_pad(rows: list[list[int]], pad_id: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> `(ids, mask)` `[B, T]` (long), each row left-padded with `pad_id` to the longest,
+    mask 1 on tokens and 0 on pads. With `prefix = P`, every row's first P ids (a prefix the rows share,
+    e.g. one prefilled into a KV cache) stay in front and the pads go between them and the rest.
+    The one left-padding batcher: training/NLL batches (`collate_left`), attribution, evaluation."""
+    if not rows:
+        fail("left_pad: no rows to batch")
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        k = len(r) - prefix
+        ids[i, :prefix] = torch.as_tensor(r[:prefix], dtype=torch.long)
+        ids[i, T - k:] = torch.as_tensor(r[prefix:], dtype=torch.long)
+        mask[i, :prefix] = 1
+        mask[i, T - k:] = 1
+    return ids, mask
+
+
 def collate_left(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad to the longest example (the reference pads to cutoff_len; RoPE is relative and pads
     are masked, so the loss is the same) -> input_ids, attention_mask, labels `[batch, seq]`."""
-    n = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for i, b in enumerate(batch):
-        k = len(b["input_ids"])
-        ids[i, n - k:] = torch.tensor(b["input_ids"])
-        labels[i, n - k:] = torch.tensor(b["labels"])
-        mask[i, n - k:] = 1
+    ids, mask = left_pad([b["input_ids"] for b in batch], pad_id)
+    labels, _ = left_pad([b["labels"] for b in batch], IGNORE)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -390,6 +390,22 @@ def save_model(model, path, tokenizer=None, files: dict | None = None) -> None:
             write_json(Path(tmp) / name, obj)
 
 
+def scan_checkpoints(root, sep: str, marker: str | None = None) -> list[tuple[int, Path]]:
+    """`(step, path)` of the checkpoint directories `checkpoint<sep><step>` under `root`, oldest first; with
+    `marker`, only those holding that file (a complete checkpoint). LaTen names them `checkpoint_<step>`,
+    the LoRA fine-tuning `checkpoint-<step>` (each as its reference code does)."""
+    out = []
+    root = Path(root)
+    if not root.is_dir():
+        return out
+    prefix = f"checkpoint{sep}"
+    for p in root.glob(glob.escape(prefix) + "*"):
+        step = p.name[len(prefix):]
+        if step.isdigit() and p.is_dir() and (marker is None or (p / marker).is_file()):
+            out.append((int(step), p))
+    return sorted(out)
+
+
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16", "auto": "auto"}
 
@@ -430,13 +446,14 @@ def default_device() -> str:
 
 
 def load_model(name_or_path, dtype="auto", device=None, flag="--model", attn_implementation=None):
-    """AutoModelForCausalLM in `dtype` ('auto' = as saved) on `device` (default: CUDA when present)."""
+    """AutoModelForCausalLM in `dtype` ('auto' = as saved; None = `default_dtype(device)`) on `device`
+    (default: CUDA when present)."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name_or_path, flag)
     device = device or default_device()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), **extra)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, device), **extra)
     return model.to(device).eval()
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pkt.io import fail
+from pkt.io import fail, parse_list
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -31,6 +31,16 @@ ALL_MODULES = LINEAR_MODULES + EMBED_MODULES
 TRANSFER_MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
 ROW_MODULES = ("up_proj", "v_proj")
 COL_MODULES = ("down_proj", "o_proj")
+
+
+def parse_modules(value, flag: str, allowed=ALL_MODULES) -> list[str]:
+    """A module-list flag (`up_proj,v_proj`, `[q_proj, v_proj]`, a list) -> validated names, order kept, through
+    `pkt.io.parse_list`; an unknown name is a one-line error listing the allowed ones."""
+    modules = parse_list(value, flag)
+    unknown = [m for m in modules if m not in allowed]
+    if unknown:
+        fail(f"unknown module(s) {', '.join(map(str, unknown))} in {flag}: expected some of {', '.join(allowed)}")
+    return modules
 
 
 @dataclass(frozen=True)

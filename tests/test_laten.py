@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import inference_LaTen
-import train_LaTen
 from conftest import ROOT, make_llama, save_model
 from knowledge_translator import KnowledgeTranslator
 from modeling_llama_laten import inject
-from pkt.model import model_shape
+from pkt import laten
+from pkt.data import micro_batches
 from pkt.io import PKTError, load_model, load_tokenizer
-from pkt.transfer import deltas_for, extract, mse_penalty, translate
+from pkt.laten import ModelPair, TrainConfig, TransferConfig, deltas_for, extract, mse_penalty
+from pkt.model import model_shape
 
 STEPS = 5
 TRAIN = dict(learning_rate=3e-2, transfer_rate=0.5, n_align=7, micro_batch_size=4, seed=0, dtype="fp32",
@@ -36,7 +36,7 @@ def _train(teacher, student, data, out, **kw):
     args = dict(TRAIN, source_model=teacher, target_model=student, extract_data_path=data["extract"],
                 align_data_path=data["align"], translator_save_name="toy", output_dir=str(out))
     args.update(kw)
-    return Path(train_LaTen.main(**args))
+    return Path(laten.train(TrainConfig(**args)))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def trained(teacher_dir, student_dir, data, tmp_path_factory):
         return m
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_LaTen, "load_model", spy)
+        mp.setattr(laten, "load_model", spy)
         save_dir = _train(teacher_dir, student_dir, data, tmp_path_factory.mktemp("laten_run"))
     return save_dir, loaded[1]
 
@@ -63,13 +63,13 @@ def _align_lm_loss(teacher_dir, student_dir, data, translator, rate=0.5):
     teacher, student = load_model(teacher_dir, "fp32", "cpu"), load_model(student_dir, "fp32", "cpu")
     tok = load_tokenizer(student_dir)
     recs = load_chat_jsonl(data["extract"])
-    t_sel, s_sel = train_LaTen.locate_pair(teacher, tok, student, tok, recs[0]["messages"], rate)
+    t_sel, s_sel = laten.locate_pair(ModelPair(teacher, student, tok, tok), recs[0]["messages"], rate)
     records = load_chat_jsonl(data["align"]) + recs
     with torch.no_grad():
-        translated = translate(translator, extract(teacher, t_sel, translator.modules_))
+        translated = translator(extract(teacher, t_sel, translator.modules_))
         with inject(student, deltas_for(s_sel, translated, model_shape(student))):
-            losses = [train_LaTen.lm_loss(student, b).item()
-                      for b in train_LaTen.micro_batches(tok, records, 4, 768, False)]
+            losses = [laten.lm_loss(student, b).item()
+                      for b in micro_batches(tok, records, 4, 768, False)]
     return sum(losses) / len(losses)
 
 
@@ -148,10 +148,10 @@ def test_inference_folds_deltas(trained, teacher_dir, student_dir, data, tmp_pat
     from transformers import AutoModelForCausalLM
 
     save_dir, _ = trained
-    out = inference_LaTen.main(source_model=teacher_dir, target_model=student_dir, data_path=data["train"],
+    out = laten.transfer(TransferConfig(source_model=teacher_dir, target_model=student_dir, data_path=data["train"],
                                translator_checkpoints=str(save_dir), transfer_rates=[0.1, 0.5],
                                steps=[STEPS - 1], seed=42, output_dir=str(tmp_path), dtype="fp32",
-                               teacher_device="cpu", student_device="cpu")
+                               teacher_device="cpu", student_device="cpu"))
     name = Path(student_dir).name
     assert [Path(p).name for p in out] == [f"{name}-transfer_rate10.0%-step{STEPS - 1}",
                                            f"{name}-transfer_rate50.0%-step{STEPS - 1}"]
@@ -170,10 +170,10 @@ def test_gqa_qwen2_student(teacher_dir, qwen_student_dir, data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     save_dir = _train(teacher_dir, qwen_student_dir, data, tmp_path / "tr", max_steps=2)
-    out = inference_LaTen.main(source_model=teacher_dir, target_model=qwen_student_dir, data_path=data["train"],
+    out = laten.transfer(TransferConfig(source_model=teacher_dir, target_model=qwen_student_dir, data_path=data["train"],
                                translator_checkpoints=str(save_dir), transfer_rates=[0.5], steps=[1],
                                output_dir=str(tmp_path / "fused"), dtype="fp32", teacher_device="cpu",
-                               student_device="cpu")
+                               student_device="cpu"))
     info = json.loads((Path(out[0]) / "laten_transfer.json").read_text())
     assert max(max(r) for r in info["student_v_rows"]) < 32        # 2 KV heads x head_dim 16
     orig = AutoModelForCausalLM.from_pretrained(qwen_student_dir, dtype=torch.float32).state_dict()
@@ -195,7 +195,7 @@ def test_transfer_functions_shapes_and_gqa_duplicates():
     assert torch.equal(ext["down_proj"][1, :, 2], teacher.model.layers[2].mlp.down_proj.weight[:, 14])
     assert torch.equal(ext["v_proj"][2, 1], teacher.model.layers[3].self_attn.v_proj.weight[30])
     tr = KnowledgeTranslator(96, 64, init_std=0.02)
-    out = translate(tr, ext)
+    out = tr(ext)
     assert out["up_proj"].shape == (3, 5, 64) and out["o_proj"].shape == (3, 64, 3)
     assert torch.allclose(mse_penalty(out), 1000 * sum(v.pow(2).mean() for v in out.values()))
     # student neurons 1 and 17 (heads 0 and 1) share v row 1 under 2 KV heads: their deltas add
@@ -220,21 +220,21 @@ def test_align_step_gradients_match_reference_loop(teacher_dir, student_dir, dat
     recs = load_chat_jsonl(data["align"])[:6]
     grads = []
     for mode in ("reference", "align_step", "checkpointed"):
-        student = train_LaTen.freeze(load_model(student_dir, "fp32", "cpu"))
+        student = laten.freeze(load_model(student_dir, "fp32", "cpu"))
         if mode == "checkpointed":
-            train_LaTen.enable_checkpointing(student)
-        t_sel, s_sel = train_LaTen.locate_pair(teacher, tok, student, tok, recs[0]["messages"], 0.5)
+            laten.enable_checkpointing(student)
+        t_sel, s_sel = laten.locate_pair(ModelPair(teacher, student, tok, tok), recs[0]["messages"], 0.5)
         torch.manual_seed(0)
         tr = KnowledgeTranslator(96, 64, init_std=0.02)
         knowledge = extract(teacher, t_sel, tr.modules_)
-        batches = train_LaTen.micro_batches(tok, recs, 2, 768, False)
+        batches = micro_batches(tok, recs, 2, 768, False)
         if mode == "reference":
             for batch in batches:
-                translated = translate(tr, knowledge)
+                translated = tr(knowledge)
                 with inject(student, deltas_for(s_sel, translated, model_shape(student))):
-                    (train_LaTen.lm_loss(student, batch) + mse_penalty(translated)).backward()
+                    (laten.lm_loss(student, batch) + mse_penalty(translated)).backward()
         else:
-            stats = train_LaTen.align_step(tr, knowledge, student, s_sel, batches)
+            stats = laten.align_step(tr, knowledge, student, s_sel, batches)
             assert stats["micro_batches"] == 3 and stats["grad_norm"] > 0
         grads.append([p.grad.clone() for p in tr.parameters()])
     for other in grads[1:]:
@@ -247,13 +247,13 @@ def test_nan_loss_is_an_error_unless_skipped(teacher_dir, student_dir, data, mon
     from pkt.data import load_chat_jsonl
 
     teacher, tok = load_model(teacher_dir, "fp32", "cpu"), load_tokenizer(student_dir)
-    student = train_LaTen.freeze(load_model(student_dir, "fp32", "cpu"))
+    student = laten.freeze(load_model(student_dir, "fp32", "cpu"))
     recs = load_chat_jsonl(data["align"])[:4]
-    t_sel, s_sel = train_LaTen.locate_pair(teacher, tok, student, tok, recs[0]["messages"], 0.5)
+    t_sel, s_sel = laten.locate_pair(ModelPair(teacher, student, tok, tok), recs[0]["messages"], 0.5)
     tr = KnowledgeTranslator(96, 64)
     knowledge = extract(teacher, t_sel, tr.modules_)
-    batches = train_LaTen.micro_batches(tok, recs, 2, 768, False)
-    real = train_LaTen.lm_loss
+    batches = micro_batches(tok, recs, 2, 768, False)
+    real = laten.lm_loss
     calls = []
 
     def first_nan(model, batch):
@@ -261,11 +261,11 @@ def test_nan_loss_is_an_error_unless_skipped(teacher_dir, student_dir, data, mon
         loss = real(model, batch)
         return loss * float("nan") if len(calls) == 1 else loss
 
-    monkeypatch.setattr(train_LaTen, "lm_loss", first_nan)
+    monkeypatch.setattr(laten, "lm_loss", first_nan)
     with pytest.raises(PKTError, match="non-finite loss"):
-        train_LaTen.align_step(tr, knowledge, student, s_sel, batches)
+        laten.align_step(tr, knowledge, student, s_sel, batches)
     calls.clear()
-    stats = train_LaTen.align_step(tr, knowledge, student, s_sel, batches, skip_nan=True)
+    stats = laten.align_step(tr, knowledge, student, s_sel, batches, skip_nan=True)
     assert (stats["micro_batches"], stats["skipped_micro_batches"]) == (1, 1) and stats["grad_norm"] > 0
 
 
@@ -282,13 +282,13 @@ def test_each_model_reads_with_its_own_tokenizer(student_dir, data, tmp_path, mo
     t_tok = _other_tokenizer()
     teacher = save_model(make_llama(hidden=96, ffn=256, layers=4, heads=4, seed=7), t_tok, tmp_path / "teacher")
     seen = []
-    real = train_LaTen.locate
+    real = laten.locate
 
     def spy(model, examples, **kw):
         seen.append((model_shape(model).hidden, examples[0]))
         return real(model, examples, **kw)
 
-    monkeypatch.setattr(train_LaTen, "locate", spy)
+    monkeypatch.setattr(laten, "locate", spy)
     save_dir = _train(teacher, student_dir, data, tmp_path / "run", max_steps=1)
     assert (save_dir / "checkpoint_0" / "translator.safetensors").exists()
     rec = load_chat_jsonl(data["extract"])
@@ -329,9 +329,9 @@ def test_bad_inputs_write_nothing(case, teacher_dir, student_dir, data, tmp_path
         _train(teacher_dir, student_dir, data, out, **kw)
     assert not out.exists()
     with pytest.raises(PKTError, match=r"\(0, 1\]"):
-        inference_LaTen.main(source_model=teacher_dir, target_model=student_dir, data_path=data["train"],
+        laten.transfer(TransferConfig(source_model=teacher_dir, target_model=student_dir, data_path=data["train"],
                              translator_checkpoints=str(tmp_path), transfer_rates=[2.0], steps=[0],
-                             output_dir=str(out))
+                             output_dir=str(out)))
 
 
 def test_cli_missing_file_exit_2(teacher_dir, student_dir, data, tmp_path):

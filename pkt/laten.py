@@ -1,0 +1,556 @@
+"""LaTen (Locate-Then-Align, "Neural Incompatibility", ACL 2025) as library code: one training step, the
+whole training run (`train`) and the transfer into a saved student (`transfer`). See docs/laten.md.
+
+One training step, each arrow one call:
+
+    example -> locate_pair(pair, example)             locate(teacher), locate(student): layers + ranked neurons
+            -> extract(teacher, teacher_selection)    the teacher's located rows/columns
+            -> align_step(translator, knowledge, ...)  translator(knowledge) -> deltas_for -> inject(student)
+                                                       -> lm_loss on each align micro-batch + 1000 * MSE -> backward
+            -> optimizer.step()
+            -> save_checkpoint()                      checkpoint_<step>/ (translator + trainer state)
+
+The i-th kept teacher layer feeds the i-th kept student layer and, within a layer, the i-th teacher neuron
+by rank lands on the i-th student neuron by rank. Only the translator trains; teacher and student are frozen.
+`train_LaTen.py` and `inference_LaTen.py` are the command lines of `train(TrainConfig)` and
+`transfer(TransferConfig)`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knowledge_translator import KnowledgeTranslator
+from modeling_llama_laten import Delta, fold, inject
+from pkt.attribution import PRECISIONS, locate
+from pkt.data import load_chat_jsonl, locate_ids, micro_batches
+from pkt.io import (append_jsonl, atomic_dir, check_model_path, check_output, default_device, default_dtype, fail,
+                    load_model, load_tokenizer, parse_list, save_model, scan_checkpoints, truncate_log)
+from pkt.model import (MLP_MODULES, ROW_MODULES, TRANSFER_MODULES, Shape, attention_neuron_v_rows, decoder_layers,
+                       linear, model_shape, parse_modules)
+
+log = logging.getLogger("pkt.laten")
+
+MSE_WEIGHT = 1000.0
+TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_SEP = "_"   # checkpoint_<step>/, the reference's name
+
+
+# ------------------------------------------------------------------------------------- the model pair
+@dataclass
+class ModelPair:
+    """Frozen teacher and student, each with its own tokenizer; shapes are read once. `device` is the
+    student's (the translator lives there); the teacher may sit elsewhere (the reference's two-GPU layout)."""
+    teacher: Any
+    student: Any
+    teacher_tokenizer: Any
+    student_tokenizer: Any
+    device: Any = None
+    teacher_shape: Shape = field(init=False)
+    student_shape: Shape = field(init=False)
+
+    def __post_init__(self):
+        self.teacher_shape, self.student_shape = model_shape(self.teacher), model_shape(self.student)
+        if self.device is None:
+            self.device = self.student.lm_head.weight.device
+
+
+def freeze(model):
+    """Eval mode, no parameter requires grad."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_pair(source_model, target_model, dtype=None, teacher_device=None, student_device=None) -> ModelPair:
+    """Teacher and student loaded frozen, both in `dtype` (None: `default_dtype` of the student's device)."""
+    teacher_device = teacher_device or default_device()
+    student_device = student_device or teacher_device
+    dtype = dtype or default_dtype(student_device)
+    teacher = freeze(load_model(source_model, dtype=dtype, device=teacher_device, flag="--source_model"))
+    student = freeze(load_model(target_model, dtype=dtype, device=student_device, flag="--target_model"))
+    return ModelPair(teacher, student, load_tokenizer(source_model), load_tokenizer(target_model), student_device)
+
+
+def enable_checkpointing(student) -> None:
+    """Gradient checkpointing through the frozen student. Non-reentrant (the inputs need no grad; the delta
+    hooks carry it), and HF only checkpoints a layer whose `training` flag is set: set that flag on the
+    decoder layers alone, so attention/dropout submodules stay in eval mode."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(student, "activation_checkpointing_enable"):  # the newer transformers 5 name
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for layer in decoder_layers(student):
+        layer.training = True
+
+
+# ------------------------------------------------------------------------------------------- locate
+def neuron_counts(student_shape: Shape, transfer_rate: float) -> tuple[int, int]:
+    """(ffn_k, attn_k) = int(student ffn * rate), int(student hidden * rate), as the reference."""
+    if not 0 < float(transfer_rate) <= 1:
+        fail(f"--transfer_rate {transfer_rate}: must be in (0, 1]")
+    ffn_k, attn_k = int(student_shape.ffn * transfer_rate), int(student_shape.hidden * transfer_rate)
+    if ffn_k < 1 or attn_k < 1:
+        fail(f"--transfer_rate {transfer_rate} selects no neurons (ffn_k={ffn_k}, attn_k={attn_k})")
+    return ffn_k, attn_k
+
+
+def check_pair(teacher_shape: Shape, student_shape: Shape, ffn_k: int, attn_k: int) -> None:
+    """The teacher must have as many layers as the student (all student layers are used) and enough
+    neurons for k; a teacher narrower than the student works (the translator maps d_T -> d_S) but is
+    unusual, so it is logged."""
+    if teacher_shape.layers < student_shape.layers:
+        fail(f"the teacher has {teacher_shape.layers} layers, fewer than the student's {student_shape.layers}: "
+             "LaTen maps one kept teacher layer to every student layer")
+    if teacher_shape.ffn < ffn_k or teacher_shape.attn_neurons < attn_k:
+        fail(f"the teacher has {teacher_shape.ffn} FFN / {teacher_shape.attn_neurons} attention neurons per layer, "
+             f"fewer than the {ffn_k} / {attn_k} to transfer: lower --transfer_rate")
+    if student_shape.attn_neurons < attn_k:
+        fail(f"the student has {student_shape.attn_neurons} attention neurons per layer, fewer than {attn_k}")
+    if teacher_shape.hidden < student_shape.hidden or teacher_shape.ffn < student_shape.ffn:
+        log.warning("teacher (hidden %d, ffn %d) is narrower than the student (hidden %d, ffn %d): allowed, "
+                    "the translator maps %d -> %d", teacher_shape.hidden, teacher_shape.ffn, student_shape.hidden,
+                    student_shape.ffn, teacher_shape.hidden, student_shape.hidden)
+
+
+def locate_pair(pair: ModelPair, messages, rate: float, precision: str = "fp32", use_chat_template: bool = False,
+                layers=None):
+    """(teacher selection, student selection) on one example, each model reading the text with its own
+    tokenizer. n_layers = student layers; k = int(student ffn * rate) FFN and int(student hidden * rate)
+    attention neurons. `layers` = (teacher_sel, student_sel) forces the kept layers of an earlier selection
+    (inference locates layers once, then neurons per rate)."""
+    ffn_k, attn_k = neuron_counts(pair.student_shape, rate)
+    check_pair(pair.teacher_shape, pair.student_shape, ffn_k, attn_k)
+    sels = []
+    for i, (model, tok) in enumerate(((pair.teacher, pair.teacher_tokenizer), (pair.student, pair.student_tokenizer))):
+        force = {} if layers is None else {"attn_layers": list(layers[i].attn_layers),
+                                           "ffn_layers": list(layers[i].ffn_layers)}
+        ids = locate_ids(tok, messages, use_chat_template=use_chat_template)
+        sels.append(locate(model, [ids], n_layers=pair.student_shape.layers, ffn_k=ffn_k, attn_k=attn_k,
+                           precision=precision, **force))
+    return sels[0], sels[1]
+
+
+# ------------------------------------------------------------------------ extract -> translate -> deltas
+def _layers_neurons(selection, module: str) -> tuple[list[int], torch.Tensor]:
+    if module in MLP_MODULES:
+        return list(selection.ffn_layers), selection.ffn_neurons
+    return list(selection.attn_layers), selection.attn_neurons
+
+
+def _index(shape: Shape, module: str, neurons: torch.Tensor) -> torch.Tensor:
+    """Weight rows/columns of ranked neurons: v_proj rows are GQA-mapped, everything else is identity."""
+    neurons = neurons.long()
+    return attention_neuron_v_rows(shape, neurons) if module == "v_proj" else neurons
+
+
+@torch.no_grad()
+def extract(model, selection, modules, shape: Shape | None = None, device=None) -> dict[str, torch.Tensor]:
+    """Weight slices of the selected neurons, per kept layer in selection order, neurons in rank order.
+
+    up_proj / v_proj rows -> `[n_layers, k, d]`; down_proj / o_proj columns -> `[n_layers, d, k]`
+    (d = the model's hidden size), in the model's dtype, detached copies, on `device` (default: the model's).
+    `shape`: the model's `Shape` when the caller already has it.
+    """
+    shape = shape or model_shape(model)
+    out = {}
+    for m in modules:
+        layers, neurons = _layers_neurons(selection, m)
+        slices = []
+        for i, layer in enumerate(layers):
+            w = linear(model, layer, m).weight
+            index = _index(shape, m, neurons[i]).to(w.device)
+            slices.append(w.index_select(0 if m in ROW_MODULES else 1, index))
+        out[m] = torch.stack(slices).to(device or slices[0].device, copy=True)
+    return out
+
+
+def deltas_for(student_selection, translated: dict[str, torch.Tensor], student_shape: Shape) -> list[Delta]:
+    """Sparse deltas placing translated slice i of kept layer j on the student's i-th ranked neuron of its
+    j-th kept layer (FFN modules: ffn_layers/ffn_neurons; attention: attn_layers/attn_neurons; v rows via the
+    GQA map, where shared rows add up). `translated`: the translator's output, `[n, k, d_S]` (rows) /
+    `[n, d_S, k]` (columns). Values keep their graph to the translator."""
+    deltas = []
+    for m, value in translated.items():
+        layers, neurons = _layers_neurons(student_selection, m)
+        if value.shape[0] != len(layers):
+            fail(f"{m}: {value.shape[0]} translated layers for {len(layers)} kept student layers")
+        for j, layer in enumerate(layers):
+            deltas.append(Delta(layer=layer, module=m, index=_index(student_shape, m, neurons[j]).cpu(),
+                                value=value[j]))
+    return deltas
+
+
+def mse_penalty(translated: dict[str, torch.Tensor], weight: float = MSE_WEIGHT) -> torch.Tensor:
+    """The reference's regulariser `1000 * sum over modules of mean(translated ** 2)` (MSE against 0)."""
+    return weight * sum(t.float().pow(2).mean() for t in translated.values())
+
+
+# --------------------------------------------------------------------------------------------- align
+def lm_loss(student, batch) -> torch.Tensor:
+    """Mean next-token loss over the micro-batch's supervised tokens (HF's causal-LM loss)."""
+    dev = student.lm_head.weight.device
+    return student(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                   labels=batch["labels"].to(dev), use_cache=False).loss
+
+
+def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, step=0) -> dict:
+    """Accumulate into the translator's .grad the gradient of sum over micro-batches of
+    (student LM loss with the translated deltas injected + 1000 * MSE(translated, 0)), as the reference
+    (summed, not averaged). `knowledge`: the extracted teacher slices (`extract`).
+
+    The translation does not depend on the micro-batch, so it runs once per step: each micro-batch
+    back-propagates into a detached copy of it, and the summed gradient then goes through the translator
+    in one backward. Same gradient as re-translating per micro-batch (the reference), 1/n of the work.
+    Returns mean loss / lm_loss / mse_loss over the used micro-batches and the gradient norm."""
+    s_shape = model_shape(student)
+    translated = translator(knowledge)
+    leaves = {m: t.detach().requires_grad_(True) for m, t in translated.items()}
+    sums, used, skipped = {"loss": 0.0, "lm_loss": 0.0, "mse_loss": 0.0}, 0, 0
+    for batch in batches:
+        if not (batch["labels"][:, 1:] != -100).any():
+            log.warning("step %d: a micro-batch has no supervised tokens (prompt >= cutoff_len): skipped", step)
+            skipped += 1
+            continue
+        mse = mse_penalty(leaves)
+        with inject(student, deltas_for(s_sel, leaves, s_shape)):
+            lm = lm_loss(student, batch)
+            loss = lm + mse.to(lm.device)
+            if not torch.isfinite(loss):
+                if not skip_nan:
+                    fail(f"step {step}: non-finite loss {loss.item()} (lm {lm.item()}, mse {mse.item()}); "
+                         "pass --skip_nan_steps to skip such micro-batches as the reference does")
+                log.warning("step %d: non-finite loss, micro-batch skipped", step)
+                skipped += 1
+                continue
+            loss.backward()  # inside inject: checkpointed layers recompute with the deltas in place
+        for k, v in (("loss", loss), ("lm_loss", lm), ("mse_loss", mse)):
+            sums[k] += v.item()
+        used += 1
+    with_grad = [m for m in leaves if leaves[m].grad is not None]
+    if with_grad:
+        torch.autograd.backward([translated[m] for m in with_grad], [leaves[m].grad for m in with_grad])
+    grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in translator.parameters()
+                              if p.grad is not None))
+    out = {k: (v / used if used else None) for k, v in sums.items()}
+    out.update(grad_norm=grad_norm, micro_batches=used, skipped_micro_batches=skipped)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def checkpoints(save_dir, complete: bool = False) -> list[tuple[int, Path]]:
+    """`(step, checkpoint_<step>/)` under save_dir, oldest first; `complete`: only those with a trainer state."""
+    return scan_checkpoints(save_dir, CHECKPOINT_SEP, TRAINER_STATE if complete else None)
+
+
+def resume_checkpoint(resume, save_dir) -> Path | None:
+    """`--resume True` = the latest checkpoint with a trainer state under save_dir; a path = that checkpoint."""
+    if resume in (None, False, "", "False", "false"):
+        return None
+    if resume is True or str(resume).lower() == "true":
+        found = checkpoints(save_dir, complete=True)
+        if not found:
+            fail(f"--resume: no checkpoint_<step>/{TRAINER_STATE} under {save_dir}")
+        return found[-1][1]
+    p = Path(str(resume))
+    if not (p / TRAINER_STATE).is_file():
+        fail(f"--resume {resume}: no {TRAINER_STATE} there")
+    return p
+
+
+def save_checkpoint(save_dir, step: int, translator, optimizer, scheduler, order: list[int],
+                    keep_all_states: bool = False) -> Path:
+    """checkpoint_<step>/ written atomically: the translator (`translator.safetensors` + config) and
+    `trainer_state.pt` (optimizer, scheduler, Python/torch RNG as they are now, step, example order) for
+    `--resume`. Unless `keep_all_states`, older checkpoints lose their trainer state (~1.5 GB at 13B->7B)."""
+    ckpt = Path(save_dir) / f"checkpoint{CHECKPOINT_SEP}{step}"
+    with atomic_dir(ckpt) as tmp:
+        translator.save_into(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
+                    "order": order}, tmp / TRAINER_STATE)
+    if not keep_all_states:
+        for s, p in checkpoints(save_dir, complete=True):
+            if s != step:
+                (p / TRAINER_STATE).unlink()
+    return ckpt
+
+
+def restore_checkpoint(ckpt: Path, translator, optimizer, scheduler, order: list[int]) -> int:
+    """Load a checkpoint's translator, optimizer, scheduler and RNG states in place; returns the step to run
+    next. The run must use the same example order (extract split and seed)."""
+    state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+    if state.get("order") != order:
+        fail(f"--resume {ckpt}: the run used another extract split or --seed (example order differs)")
+    translator.load_state_dict(KnowledgeTranslator.load(ckpt).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["python_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"] + 1
+
+
+# ------------------------------------------------------------------------------------------ training
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        fail(f"--precision {precision}: expected {' or '.join(PRECISIONS)}")
+
+
+@dataclass
+class TrainConfig:
+    """Train the translator; writes <output_dir>/<translator_save_name>/checkpoint_<step>/ and train_log.jsonl.
+
+    --save_trainer_state last|all: keep trainer_state.pt (optimizer/scheduler/RNG, for --resume) only in the
+    newest checkpoint (default; at 13B->7B it is ~1.5 GB) or in every one. An existing run directory is
+    an error unless --resume (continue it) or --overwrite (start over: its checkpoints and log are removed).
+    --dtype defaults to bf16 on CUDA, fp32 elsewhere; --gradient_checkpointing to on when the student is on CUDA.
+    """
+    source_model: str = "meta-llama/Llama-2-13b-chat-hf"
+    target_model: str = "meta-llama/Llama-2-7b-chat-hf"
+    extract_data_path: str = "data/gsm/gsm_extract_split.jsonl"
+    align_data_path: str = "data/gsm/gsm_align_split.jsonl"
+    translator_save_name: str = "gsm"
+    learning_rate: float = 3e-5
+    transfer_rate: float = 0.1
+    cutoff_len: int = 768
+    micro_batch_size: int = 1
+    train_on_inputs: bool = False
+    seed: int = 42
+    lora_target_modules: str = ",".join(TRANSFER_MODULES)
+    output_dir: str = "knowledge_translator/"
+    n_align: int = 15
+    dtype: str | None = None
+    teacher_device: str | None = None
+    student_device: str | None = None
+    resume: bool | str | None = None
+    skip_nan_steps: bool = False
+    precision: str = "fp32"
+    max_steps: int | None = None
+    use_chat_template: bool = False
+    gradient_checkpointing: bool | None = None
+    save_trainer_state: str = "last"
+    overwrite: bool = False
+    modules: list = field(init=False, repr=False)        # lora_target_modules, parsed
+    save_dir: Path = field(init=False, repr=False)       # output_dir / translator_save_name
+    resume_from: Path | None = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.transfer_rate, (int, float)) or not 0 < float(self.transfer_rate) <= 1:
+            fail(f"--transfer_rate {self.transfer_rate}: must be in (0, 1]")
+        self.modules = parse_modules(self.lora_target_modules, "--lora_target_modules", TRANSFER_MODULES)
+        _check_precision(self.precision)
+        if self.save_trainer_state not in ("last", "all"):
+            fail(f"--save_trainer_state {self.save_trainer_state}: expected last or all")
+        if int(self.micro_batch_size) < 1 or int(self.n_align) < 0 or int(self.cutoff_len) < 2:
+            fail("--micro_batch_size must be >= 1, --n_align >= 0, --cutoff_len >= 2")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            fail(f"--max_steps {self.max_steps}: must be >= 1")
+        check_model_path(self.source_model, "--source_model")
+        check_model_path(self.target_model, "--target_model")
+        self.save_dir = Path(self.output_dir) / str(self.translator_save_name)
+        self.resume_from = resume_checkpoint(self.resume, self.save_dir)
+        if self.resume_from is None and not self.overwrite and (
+                checkpoints(self.save_dir) or (self.save_dir / "train_log.jsonl").exists()):
+            fail(f"{self.save_dir} already holds a run: pass --resume True to continue it, --overwrite True to "
+                 "start over, or another --translator_save_name")
+        # a run directory is continued or started over by design (above): check only that it is no input
+        check_output(self.save_dir, "--output_dir", overwrite=True, inputs={
+            "--source_model": self.source_model, "--target_model": self.target_model,
+            "--extract_data_path": self.extract_data_path, "--align_data_path": self.align_data_path})
+
+
+def train(cfg: TrainConfig) -> str:
+    """One optimizer step per example of the (shuffled) extract split; returns the run directory."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    extract_data = load_chat_jsonl(cfg.extract_data_path)
+    align_data = load_chat_jsonl(cfg.align_data_path)
+    if len(align_data) < cfg.n_align:
+        fail(f"{cfg.align_data_path}: {len(align_data)} records, fewer than --n_align {cfg.n_align}")
+
+    pair = load_pair(cfg.source_model, cfg.target_model, cfg.dtype, cfg.teacher_device, cfg.student_device)
+    check_pair(pair.teacher_shape, pair.student_shape, *neuron_counts(pair.student_shape, cfg.transfer_rate))
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing if checkpointing is not None else str(pair.device).startswith("cuda"):
+        enable_checkpointing(pair.student)
+
+    # translator, optimizer, schedule (as the reference)
+    torch.manual_seed(cfg.seed)
+    translator = KnowledgeTranslator(pair.teacher_shape.hidden, pair.student_shape.hidden, cfg.modules,
+                                     cfg.source_model, cfg.target_model, cfg.transfer_rate).to(pair.device).train()
+    n_steps = len(extract_data) if cfg.max_steps is None else min(int(cfg.max_steps), len(extract_data))
+    optimizer = torch.optim.AdamW(translator.parameters(), lr=cfg.learning_rate, weight_decay=0.05,
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.learning_rate, total_steps=n_steps,
+                                                    pct_start=0.1, final_div_factor=1, anneal_strategy="cos")
+    order = list(range(len(extract_data)))
+    random.seed(cfg.seed)
+    random.shuffle(order)  # the extract split, shuffled once by the seed (resume recomputes the same order)
+    log_path = cfg.save_dir / "train_log.jsonl"
+    start = 0
+    if cfg.resume_from is not None:
+        start = restore_checkpoint(cfg.resume_from, translator, optimizer, scheduler, order)
+        log.info("resumed from %s: continuing at step %d of %d", cfg.resume_from, start, n_steps)
+        truncate_log(log_path, start)  # drop log lines of steps that will run again
+    elif cfg.overwrite:
+        for _, p in checkpoints(cfg.save_dir):
+            shutil.rmtree(p)
+        log_path.unlink(missing_ok=True)
+
+    from tqdm import tqdm
+
+    for step in tqdm(range(start, n_steps), total=n_steps, initial=start, desc="LaTen steps"):
+        t0 = time.time()
+        rec = extract_data[order[step]]
+        t_sel, s_sel = locate_pair(pair, rec["messages"], cfg.transfer_rate, cfg.precision, cfg.use_chat_template)
+        knowledge = extract(pair.teacher, t_sel, cfg.modules, pair.teacher_shape, device=pair.device)
+        random.seed(step)    # the n_align align examples of this step, + the example itself
+        batch_records = [align_data[i] for i in random.sample(range(len(align_data)), cfg.n_align)] + [rec]
+        batches = micro_batches(pair.student_tokenizer, batch_records, cfg.micro_batch_size, cfg.cutoff_len,
+                                cfg.train_on_inputs, cfg.use_chat_template)
+        stats = align_step(translator, knowledge, pair.student, s_sel, batches, cfg.skip_nan_steps, step)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        save_checkpoint(cfg.save_dir, step, translator, optimizer, scheduler, order,
+                        keep_all_states=cfg.save_trainer_state == "all")
+        append_jsonl(log_path, {
+            "step": step, "loss": stats["loss"], "lm_loss": stats["lm_loss"], "mse_loss": stats["mse_loss"],
+            "lr": lr, "seconds": round(time.time() - t0, 3),
+            "teacher_ffn_layers": list(t_sel.ffn_layers), "student_ffn_layers": list(s_sel.ffn_layers),
+            "teacher_attn_layers": list(t_sel.attn_layers), "student_attn_layers": list(s_sel.attn_layers),
+            "example_id": rec.get("id", f"extract:{order[step]}"), "grad_norm": stats["grad_norm"],
+            "micro_batches": stats["micro_batches"], "skipped_micro_batches": stats["skipped_micro_batches"]})
+    log.info("done: %s", cfg.save_dir)
+    return str(cfg.save_dir)
+
+
+# ------------------------------------------------------------------------------------------ transfer
+def rate_name(rate: float) -> str:
+    """The reference's `rate * 100` naming (10.0%), rounded so 0.3 gives 30.0 and not 30.000000000000004."""
+    return f"{round(rate * 100, 6)}"
+
+
+def transfer_dir(output_dir, target_model, rate: float, step: int) -> Path:
+    """<output_dir>/<target name>-transfer_rate<rate*100>%-step<step> (the reference's name)."""
+    return Path(output_dir) / f"{Path(str(target_model).rstrip('/')).name}-transfer_rate{rate_name(rate)}%-step{step}"
+
+
+@dataclass
+class TransferConfig:
+    """Writes <output_dir>/<target name>-transfer_rate<rate*100>%-step<step>/ (model, tokenizer,
+    laten_transfer.json) for every rate and step; returns the list of written directories.
+    --transfer_rates / --steps: lists ('[0.1,0.3]' or 0.1,0.3). An existing output is an error unless --overwrite.
+    """
+    source_model: str = "meta-llama/Llama-2-13b-chat-hf"
+    target_model: str = "meta-llama/Llama-2-7b-chat-hf"
+    data_path: str = "data/gsm/gsm_train_split.jsonl"
+    translator_checkpoints: str = "knowledge_translator/gsm"
+    transfer_rates: str = "0.1"
+    steps: str = "19"
+    seed: int = 42
+    output_dir: str = "outputs/laten"
+    dtype: str | None = None
+    precision: str = "fp32"
+    teacher_device: str | None = None
+    student_device: str | None = None
+    use_chat_template: bool = False
+    overwrite: bool = False
+    rates: list = field(init=False, repr=False)          # transfer_rates, parsed
+    checkpoint_steps: list = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.rates = parse_list(self.transfer_rates, "--transfer_rates", float)
+        self.checkpoint_steps = parse_list(self.steps, "--steps", int)
+        for r in self.rates:
+            if not 0 < r <= 1:
+                fail(f"--transfer_rates: {r} must be in (0, 1]")
+        _check_precision(self.precision)
+        for s in self.checkpoint_steps:
+            if not (self.checkpoint(s) / "translator.safetensors").is_file():
+                fail(f"--translator_checkpoints {self.translator_checkpoints}: no checkpoint_{s}/translator.safetensors")
+        check_model_path(self.source_model, "--source_model")
+        check_model_path(self.target_model, "--target_model")
+        inputs = {"--source_model": self.source_model, "--target_model": self.target_model,
+                  "--data_path": self.data_path, "--translator_checkpoints": self.translator_checkpoints}
+        for r in self.rates:
+            for s in self.checkpoint_steps:
+                check_output(transfer_dir(self.output_dir, self.target_model, r, s), "--output_dir", self.overwrite,
+                             inputs)
+
+    def checkpoint(self, step: int) -> Path:
+        return Path(self.translator_checkpoints) / f"checkpoint{CHECKPOINT_SEP}{step}"
+
+
+@torch.no_grad()
+def _restore(student, pristine: dict) -> None:
+    for (layer, module), w in pristine.items():
+        linear(student, layer, module).weight.copy_(w)
+
+
+def transfer(cfg: TransferConfig) -> list[str]:
+    """Fuse trained translators into the student: one saved HF model per (transfer rate, step).
+
+        seed example (random.seed(seed) over the data) -> locate layers once (teacher and student)
+        for each rate: locate neurons at that rate in those layers, extract the teacher's slices
+            for each translator step: translator(slices) (no grad) -> fold the deltas into the student as
+            loaded -> save_model
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data = load_chat_jsonl(cfg.data_path)
+    pair = load_pair(cfg.source_model, cfg.target_model, cfg.dtype, cfg.teacher_device, cfg.student_device)
+    t_shape, s_shape = pair.teacher_shape, pair.student_shape
+    translators = {s: KnowledgeTranslator.load(cfg.checkpoint(s), device=pair.device).eval()
+                   for s in cfg.checkpoint_steps}
+    for s, tr in translators.items():
+        if (tr.d_T, tr.d_S) != (t_shape.hidden, s_shape.hidden):
+            fail(f"checkpoint_{s}: translator maps {tr.d_T} -> {tr.d_S}, the models need "
+                 f"{t_shape.hidden} -> {s_shape.hidden}")
+    modules = list(dict.fromkeys(m for tr in translators.values() for m in tr.modules_))
+    # The student's editable weights as loaded (a CPU copy): every (rate, step) starts from them, so
+    # transfers never compound.
+    pristine = {(l, m): linear(pair.student, l, m).weight.detach().to("cpu", copy=True)
+                for l in range(s_shape.layers) for m in TRANSFER_MODULES}
+
+    random.seed(cfg.seed)
+    idx = random.sample(range(len(data)), 1)[0]
+    rec = data[idx]
+    example_id = rec.get("id", f"train:{idx}")
+    # layers once (at the first rate; layer scores do not depend on k), then neurons per rate in those layers
+    layer_sel = locate_pair(pair, rec["messages"], cfg.rates[0], cfg.precision, cfg.use_chat_template)
+    written = []
+    for rate in cfg.rates:
+        t_sel, s_sel = locate_pair(pair, rec["messages"], rate, cfg.precision, cfg.use_chat_template,
+                                   layers=layer_sel)
+        knowledge = extract(pair.teacher, t_sel, modules, t_shape, device=pair.device)
+        for step, translator in translators.items():
+            with torch.no_grad():
+                deltas = deltas_for(s_sel, translator(knowledge), s_shape)
+            _restore(pair.student, pristine)
+            fold(pair.student, deltas)
+            out = transfer_dir(cfg.output_dir, cfg.target_model, rate, step)
+            save_model(pair.student, out, pair.student_tokenizer, files={"laten_transfer.json": {
+                "source_model": cfg.source_model, "target_model": cfg.target_model, "step": step,
+                "transfer_rate": rate, "seed": cfg.seed, "seed_example_id": example_id,
+                "teacher_ffn_layers": list(t_sel.ffn_layers), "student_ffn_layers": list(s_sel.ffn_layers),
+                "teacher_attn_layers": list(t_sel.attn_layers), "student_attn_layers": list(s_sel.attn_layers),
+                "student_ffn_neurons": s_sel.ffn_neurons.tolist(),
+                "student_attn_neurons": s_sel.attn_neurons.tolist(),
+                "student_v_rows": attention_neuron_v_rows(s_shape, s_sel.attn_neurons.long()).tolist(),
+                "intermediate_size": s_shape.ffn, "hidden_size": s_shape.hidden,
+                "modules": list(translator.modules_), "translator_checkpoint": str(cfg.checkpoint(step)),
+                "precision": cfg.precision}})
+            log.info("saved %s", out)
+            written.append(str(out))
+    _restore(pair.student, pristine)
+    return written
