@@ -125,6 +125,17 @@ def tokenize_example(tokenizer, messages: list[dict], cutoff_len: int = 768, tra
     return {"input_ids": ids, "labels": labels}
 
 
+def encode_chat(tokenizer, messages: list[dict], cutoff_len: int, add_bos: bool = True) -> dict:
+    """input_ids/labels lists for PostPKT: the assistant turn ends with the EOS string, loss on the
+    response only. The reference's Llama tokenizer also prepends BOS (add_special_tokens defaults
+    to True); `add_bos` does the same when the tokenizer has a BOS token."""
+    bos = tokenizer.bos_token_id if add_bos else None
+    ex = tokenize_example(tokenizer, messages, cutoff_len=cutoff_len - (bos is not None), eos_response=True)
+    if bos is not None:
+        ex = {"input_ids": [bos] + ex["input_ids"], "labels": [IGNORE] + ex["labels"]}
+    return ex
+
+
 def left_pad(rows: list[list[int]], pad_id: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists -> `(ids, mask)` `[B, T]` (long), each row left-padded with `pad_id` to the longest,
     mask 1 on tokens and 0 on pads. With `prefix = P`, every row's first P ids (a prefix the rows share,

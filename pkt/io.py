@@ -46,7 +46,8 @@ def run_cli(component, config=None) -> None:
     With `config` (a dataclass), the command line fills the dataclass instead: its fields are the flags
     (`--help` lists them), each value is checked against the field's type (`config_from_flags`), the
     dataclass validates itself in `__post_init__`, and `component(cfg)` runs. One place lists a stage's
-    options; nothing relays them parameter by parameter."""
+    options; nothing relays them parameter by parameter. Its return value is for library callers: fire does
+    not print it (the stage prints what it reports)."""
     import fire
 
     try:
@@ -54,7 +55,7 @@ def run_cli(component, config=None) -> None:
             component = config_entry(component, config)
         if inspect.isfunction(component):
             _check_flags(component, sys.argv[1:])
-        fire.Fire(component)
+        fire.Fire(component, serialize=(lambda result: None) if config is not None else None)
     except PKTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -432,6 +432,7 @@ def train(cfg: TrainConfig) -> str:
             "example_id": rec.get("id", f"extract:{order[step]}"), "grad_norm": stats["grad_norm"],
             "micro_batches": stats["micro_batches"], "skipped_micro_batches": stats["skipped_micro_batches"]})
     log.info("done: %s", cfg.save_dir)
+    print(cfg.save_dir)
     return str(cfg.save_dir)
 
 
@@ -553,4 +554,5 @@ def transfer(cfg: TransferConfig) -> list[str]:
             log.info("saved %s", out)
             written.append(str(out))
     _restore(pair.student, pristine)
+    print("\n".join(written))
     return written

@@ -1,8 +1,17 @@
-"""PostPKT steps 3-4: LoRA fine-tuning of the student (delta merged first) and the final merge.
+"""Every LoRA adapter of the project: how it is initialised, the delta, fine-tuning and the merge (PostPKT
+steps 2-4, and the random / PiSSA baselines). See docs/postpkt.md.
 
-The training loop is plain torch + `accelerate.Accelerator`, so the same script runs on one CPU/GPU
-or under `accelerate launch` / `torchrun` (DDP). One optimizer step = `batch_size` examples over all
-processes (micro-batches of `micro_batch_size` per process, gradient accumulation in between).
+Inits, named as peft names its init methods (`LoraConfig.init_lora_weights`, `LoraLayer.pissa_init`):
+
+- `extracted_adapter(student, factors, ...)`: a LoRA whose B, A are given (PostPKT's SVD factors of teacher
+  blocks, from `pkt.postpkt.extract`); `extracted_init(model, path)` re-opens such an adapter for training.
+- `random_init(model, ...)`: peft's default init (A Kaiming-uniform, B = 0: the model starts unchanged).
+- `pissa_init(model, ...)`: PiSSA (A, B from the principal singular vectors; the base weights lose them).
+
+`negate_lora_A` is the delta (merging it subtracts B A). The fine-tuning loop is plain torch +
+`accelerate.Accelerator`, so the same code runs on one CPU/GPU or under `accelerate launch` / `torchrun`
+(DDP). One optimizer step = `batch_size` examples over all processes (micro-batches of `micro_batch_size`
+per process, gradient accumulation in between).
 """
 from __future__ import annotations
 
@@ -12,22 +21,26 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pkt.io import (append_jsonl, atomic_dir, check_model_path, default_dtype, fail, load_model, load_tokenizer,
-                    save_tensors, truncate_log, write_json)
+from pkt.data import IGNORE, collate_left, encode_chat, load_chat_jsonl, task_split
+from pkt.io import (append_jsonl, atomic_dir, check_model_path, check_output, fail, load_model, load_tokenizer,
+                    save_model, save_tensors, scan_checkpoints, truncate_log, write_json)
+from pkt.model import ALL_MODULES, parse_modules
 
 log = logging.getLogger("pkt.lora")
 
 INITS = ("random", "pissa", "extracted")
-DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj", "embed_tokens",
-                   "lm_head")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CHECKPOINT_SEP = "-"   # checkpoint-<step>/, the reference's (HF Trainer's) name
+CHECKPOINT_MARKER = "state.json"
 
 
+# ------------------------------------------------------------------------------------------ adapters
 def check_adapter_dir(path, flag: str) -> dict:
     """An adapter directory must hold adapter_config.json + adapter_model.safetensors; returns the config."""
     p = Path(path)
@@ -40,6 +53,110 @@ def check_adapter_dir(path, flag: str) -> dict:
     return cfg
 
 
+def lora_layers(peft_model) -> dict[str, torch.nn.Module]:
+    """Base-model module name (without peft's prefix) -> its LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name.removeprefix("base_model.model."): mod for name, mod in peft_model.named_modules()
+            if isinstance(mod, LoraLayer)}
+
+
+def _lora_config(modules, r: int, alpha: int, dropout: float, init=True, base_model: str | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(r), lora_alpha=int(alpha), target_modules=list(modules), lora_dropout=dropout,
+                      bias="none", task_type="CAUSAL_LM", init_lora_weights=init, base_model_name_or_path=base_model)
+
+
+def extracted_adapter(student, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], modules, r: int, alpha: int,
+                      dropout: float = 0.05, base_model: str | None = None):
+    """A PEFT LoRA on `student` whose layer `name` gets `B, A = factors[name]`: `B [out, r]`, `A [r, in]`
+    (an embedding, oriented `[d, vocab]`: `B [d, r]`, `A [r, vocab]`). `student` may live on the meta device:
+    only the factors are real, and `save_adapter` writes only them."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(student, _lora_config(modules, r, alpha, dropout, base_model=base_model))
+    layers = lora_layers(peft_model)
+    missing = sorted(set(layers) - set(factors))
+    if missing:
+        fail(f"no extracted factors for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    for name, (B, A) in factors.items():
+        layer = layers[name]
+        if "default" in layer.lora_embedding_A:                       # nn.Embedding: peft's embedding LoRA
+            layer.lora_embedding_A["default"] = torch.nn.Parameter(A)   # [r, vocab]
+            layer.lora_embedding_B["default"] = torch.nn.Parameter(B)   # [d, r]
+        else:
+            layer.lora_A["default"].weight = torch.nn.Parameter(A)       # [r, in]
+            layer.lora_B["default"].weight = torch.nn.Parameter(B)       # [out, r]
+    return peft_model
+
+
+def save_adapter(peft_model, path, files: dict | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors (+ `files`: name -> JSON) written atomically. Only the
+    LoRA factors are saved (save_embedding_layers=False): the base weights may be on the meta device."""
+    r = peft_model.peft_config["default"].r
+    with atomic_dir(path) as tmp:
+        peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+        (Path(tmp) / "README.md").unlink(missing_ok=True)   # peft's empty model card
+        for name, obj in (files or {}).items():
+            write_json(Path(tmp) / name, obj)
+        if json.loads((Path(tmp) / "adapter_config.json").read_text()).get("r") != r:
+            fail("peft wrote an unexpected adapter_config.json")
+
+
+def extracted_init(model, adapter_path):
+    """Open a saved (extracted) adapter on `model` for training."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
+
+
+def _check_targets(model, modules) -> None:
+    missing = [m for m in modules if not any(n.endswith("." + m) or n == m for n, _ in model.named_modules())]
+    if missing:
+        fail(f"--lora_target_modules: the student has no module {', '.join(missing)}")
+
+
+def random_init(model, modules, r: int, alpha: int, dropout: float = 0.05):
+    """peft's default LoRA init: A Kaiming-uniform, B = 0 (the model starts unchanged)."""
+    from peft import get_peft_model
+
+    _check_targets(model, modules)
+    return get_peft_model(model, _lora_config(modules, r, alpha, dropout, init=True))
+
+
+def pissa_init(model, modules, r: int, alpha: int, dropout: float = 0.05):
+    """PiSSA: B A = the top-r singular part of each targeted weight, which the base weight gives up."""
+    from peft import get_peft_model
+
+    _check_targets(model, modules)
+    return get_peft_model(model, _lora_config(modules, r, alpha, dropout, init="pissa"))
+
+
+def negate_lora_A(lora_path, output_path) -> int:
+    """Copy the adapter in `lora_path` to `output_path` with every lora_A / lora_embedding_A negated,
+    so that merging it subtracts B @ A. Returns the number of tensors negated."""
+    from safetensors.torch import load_file
+
+    src = Path(lora_path)
+    check_adapter_dir(src, "--lora_path")
+    weights = src / ADAPTER_FILES[1]
+    tensors = load_file(str(weights))
+    flipped = 0
+    for k in tensors:
+        if ".lora_A." in k or k.endswith(".lora_A") or "lora_embedding_A" in k:
+            tensors[k] = -tensors[k]
+            flipped += 1
+    if not flipped:
+        fail(f"--lora_path {lora_path}: no lora_A tensors found")
+    with atomic_dir(output_path) as tmp:
+        for f in src.iterdir():
+            if f.is_file() and f.name != weights.name:
+                shutil.copy2(f, Path(tmp) / f.name)
+        save_tensors(Path(tmp) / weights.name, tensors, metadata={"format": "pt"})
+    return flipped
+
+
 def merge_adapter(model, adapter_path):
     """model + the adapter in `adapter_path`, merged into the weights (peft's merge_and_unload)."""
     from peft import PeftModel
@@ -49,123 +166,182 @@ def merge_adapter(model, adapter_path):
 
 def build_student(base_model: str, delta_path: str | None, dtype, device):
     """The student, with the delta (W - B A) merged in when given."""
-
     model = load_model(base_model, dtype=dtype, device=device, flag="--base_model")
     if delta_path:
         model = merge_adapter(model, delta_path)
     return model
 
 
-def checkpoints(output_dir) -> list[tuple[int, Path]]:
-    """Complete checkpoints `checkpoint-<step>` in output_dir, oldest first."""
-    out = []
-    for p in Path(output_dir).glob("checkpoint-*"):
-        if p.is_dir() and (p / "state.json").is_file() and p.name.split("-")[-1].isdigit():
-            out.append((int(p.name.split("-")[-1]), p))
-    return sorted(out)
+# -------------------------------------------------------------------------------------------- delta
+@dataclass
+class DeltaConfig:
+    """The delta adapter of an extracted LoRA (every lora_A / lora_embedding_A negated): merged into the
+    student it gives W - B A, so the extracted LoRA on top starts exactly at the student.
+    --output_path defaults to <lora_path>-delta; an existing output is an error unless --overwrite."""
+    lora_path: str
+    output_path: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_adapter_dir(self.lora_path, "--lora_path")
+        self.output_path = self.output_path or str(self.lora_path).rstrip("/") + "-delta"
+        check_output(self.output_path, "--output_path", self.overwrite, {"--lora_path": self.lora_path})
 
 
-def resolve_lora(lora_init, lora_init_path, lora_target_modules, lora_r, lora_alpha):
+def delta(cfg: DeltaConfig) -> int:
+    """Write the delta adapter; returns the number of A matrices negated."""
+    n = negate_lora_A(cfg.lora_path, cfg.output_path)
+    print(f"wrote {cfg.output_path} ({n} A matrices negated)")
+    return n
+
+
+# ---------------------------------------------------------------------------------------- fine-tune
+@dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning of the student with the loss on responses only.
+
+    --lora_init random|pissa|extracted (default: extracted when --lora_init_path is given, else random).
+    With an extracted adapter, r / alpha / target modules come from it. --data_path defaults to
+    <data_dir>/<task>/<task>_train_split.jsonl. --dtype defaults to bf16 on GPU, fp32 on CPU. An output
+    directory holding a run is an error unless --resume (continue it) or --overwrite (start over)."""
+    base_model: str
+    output_dir: str
+    data_path: str | None = None
+    task: str = "gsm"
+    delta_path: str | None = None
+    lora_init_path: str | None = None
+    lora_init: str | None = None
+    num_epochs: int = 3
+    learning_rate: float = 3e-4
+    batch_size: int = 64
+    micro_batch_size: int = 8
+    cutoff_len: int = 2048
+    lora_target_modules: str | None = None
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.05
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 1
+    max_steps: int | None = None
+    resume: bool = False
+    save_steps: int = 0
+    save_total_limit: int = 2
+    dtype: str | None = None
+    gradient_checkpointing: bool = False
+    add_bos: bool = True
+    data_dir: str = "data"
+    overwrite: bool = False
+    init: str = field(init=False)            # resolved: random | pissa | extracted
+    modules: list = field(init=False)        # resolved target modules, r and alpha
+    r: int = field(init=False)
+    alpha: int = field(init=False)
+
+    def __post_init__(self):
+        self.data_path = self.data_path or str(task_split(self.task, "train", self.data_dir))
+        self.init, self.modules, self.r, self.alpha = _resolve_lora(self)
+        check_model_path(self.base_model, "--base_model")
+        if self.delta_path:
+            check_adapter_dir(self.delta_path, "--delta_path")
+        if int(self.batch_size) < 1 or int(self.micro_batch_size) < 1:
+            fail("--batch_size and --micro_batch_size must be >= 1")
+        out = Path(self.output_dir)
+        if not self.resume and not self.overwrite and (checkpoints(out) or (out / "train_log.jsonl").exists()):
+            fail(f"--output_dir {self.output_dir} already holds a training run: pass --resume to continue it, "
+                 "--overwrite True to start over, or choose another directory")
+        # Only the first process refuses a non-empty directory: the others start while it may be writing there.
+        first = int(os.environ.get("RANK", "0")) == 0
+        check_output(out, "--output_dir", self.overwrite or self.resume or not first, inputs={
+            "--base_model": self.base_model, "--data_path": self.data_path, "--delta_path": self.delta_path,
+            "--lora_init_path": self.lora_init_path})
+
+
+def _resolve_lora(cfg: FinetuneConfig):
     """(init, modules, r, alpha): the extracted adapter fixes r / alpha / modules; asking for others is
     an error rather than a silent override."""
-    from pkt.postpkt import ALL_MODULES, parse_modules
-
-    init = lora_init or ("extracted" if lora_init_path else "random")
+    init = cfg.lora_init or ("extracted" if cfg.lora_init_path else "random")
     if init not in INITS:
         fail(f"--lora_init {init!r}: expected one of {', '.join(INITS)}")
-    modules = parse_modules(lora_target_modules, ALL_MODULES, "--lora_target_modules") \
-        if lora_target_modules is not None else None
+    modules = parse_modules(cfg.lora_target_modules, "--lora_target_modules", ALL_MODULES) \
+        if cfg.lora_target_modules is not None else None
     if init == "extracted":
-        if not lora_init_path:
+        if not cfg.lora_init_path:
             fail("--lora_init extracted needs --lora_init_path")
-        cfg = check_adapter_dir(lora_init_path, "--lora_init_path")
-        got = {"--lora_r": cfg["r"], "--lora_alpha": cfg["lora_alpha"]}
-        for flag, want in (("--lora_r", lora_r), ("--lora_alpha", lora_alpha)):
+        saved_cfg = check_adapter_dir(cfg.lora_init_path, "--lora_init_path")
+        got = {"--lora_r": saved_cfg["r"], "--lora_alpha": saved_cfg["lora_alpha"]}
+        for flag, want in (("--lora_r", cfg.lora_r), ("--lora_alpha", cfg.lora_alpha)):
             if want is not None and int(want) != int(got[flag]):
                 fail(f"{flag} {want} differs from the extracted adapter's {got[flag]}: drop the flag")
-        saved = sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], list) else cfg["target_modules"]
+        saved = saved_cfg["target_modules"]
+        saved = sorted(saved) if isinstance(saved, list) else saved
         if modules is not None and sorted(modules) != saved:
             fail(f"--lora_target_modules {','.join(modules)} differs from the extracted adapter's {saved}: "
                  "drop the flag")
-        return init, saved, int(cfg["r"]), int(cfg["lora_alpha"])
-    if lora_init_path:
+        return init, saved, int(saved_cfg["r"]), int(saved_cfg["lora_alpha"])
+    if cfg.lora_init_path:
         fail(f"--lora_init_path is only used with --lora_init extracted (got --lora_init {init})")
-    return init, modules or list(DEFAULT_MODULES), int(lora_r or 16), int(lora_alpha or 16)
+    return init, modules or list(ALL_MODULES), int(cfg.lora_r or 16), int(cfg.lora_alpha or 16)
 
 
-def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str | None = None,
-             lora_init_path: str | None = None, lora_init: str | None = None, num_epochs: int = 3,
-             learning_rate: float = 3e-4, batch_size: int = 64, micro_batch_size: int = 8, cutoff_len: int = 2048,
-             lora_target_modules=None, lora_r: int | None = None, lora_alpha: int | None = None,
-             lora_dropout: float = 0.05, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
-             max_grad_norm: float = 1.0, seed: int = 1, max_steps: int | None = None, resume: bool = False,
-             save_steps: int = 0, save_total_limit: int = 2, dtype: str | None = None,
-             gradient_checkpointing: bool = False, add_bos: bool = True, progress: bool = True) -> list[dict]:
+def checkpoints(output_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints `checkpoint-<step>` in output_dir, oldest first."""
+    return scan_checkpoints(output_dir, CHECKPOINT_SEP, CHECKPOINT_MARKER)
+
+
+def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
     """LoRA fine-tuning with the loss on responses only; returns the log records of this run."""
     from accelerate import Accelerator
-    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import get_linear_schedule_with_warmup
 
-    from pkt.data import IGNORE, collate_left, load_chat_jsonl
-    from pkt.postpkt import encode_chat
-
-    # ---- validate inputs before anything is loaded or written
-    init, modules, r, alpha = resolve_lora(lora_init, lora_init_path, lora_target_modules, lora_r, lora_alpha)
-    check_model_path(base_model, "--base_model")
-    if delta_path:
-        check_adapter_dir(delta_path, "--delta_path")
-    if init == "extracted" and not delta_path:
+    if cfg.init == "extracted" and not cfg.delta_path:
         log.warning("--lora_init extracted without --delta_path: the student starts at W + B A, not at W")
-    records = load_chat_jsonl(data_path)
-    if int(batch_size) < 1 or int(micro_batch_size) < 1:
-        fail("--batch_size and --micro_batch_size must be >= 1")
-    out = Path(output_dir)
-    done = checkpoints(out)
-    if not resume and (done or (out / "train_log.jsonl").exists()):
-        fail(f"--output_dir {output_dir} already holds a training run: pass --resume or choose another directory")
-
+    records = load_chat_jsonl(cfg.data_path)
+    out = Path(cfg.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: torchrun on CPU -> gloo DDP
     world, rank = acc.num_processes, acc.process_index
-    if int(batch_size) % (int(micro_batch_size) * world):
+    batch_size, micro_size = int(cfg.batch_size), int(cfg.micro_batch_size)
+    if batch_size % (micro_size * world):
         fail(f"--batch_size {batch_size} must be a multiple of --micro_batch_size x processes "
-             f"({micro_batch_size} x {world})")
-    accum = int(batch_size) // (int(micro_batch_size) * world)
-    torch.manual_seed(seed)
-    dtype = dtype or default_dtype(acc.device.type)
+             f"({micro_size} x {world})")
+    accum = batch_size // (micro_size * world)
+    if cfg.overwrite and not cfg.resume and acc.is_main_process:   # start over
+        for _, p in scan_checkpoints(out, CHECKPOINT_SEP):
+            shutil.rmtree(p)
+        shutil.rmtree(out / "pissa_init", ignore_errors=True)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    done = checkpoints(out) if cfg.resume else []
+    torch.manual_seed(cfg.seed)
 
     # ---- data: response-only labels, one fixed order per epoch (seed + epoch)
-    tokenizer = load_tokenizer(base_model)
-    examples = [encode_chat(tokenizer, rec["messages"], int(cutoff_len), add_bos) for rec in records]
+    tokenizer = load_tokenizer(cfg.base_model)
+    examples = [encode_chat(tokenizer, rec["messages"], int(cfg.cutoff_len), cfg.add_bos) for rec in records]
     # An example whose response is cut off entirely by --cutoff_len has no loss (0/0 = NaN): drop it.
     kept = [ex for ex in examples if any(t != IGNORE for t in ex["labels"][1:])]
     if len(kept) < len(examples):
         acc.print(f"warning: {len(examples) - len(kept)} example(s) have no response tokens within "
-                  f"--cutoff_len {cutoff_len}: skipped")
+                  f"--cutoff_len {cfg.cutoff_len}: skipped")
     examples = kept
-    steps_per_epoch = len(examples) // int(batch_size) + (len(examples) % int(batch_size) >= world)
-    total = int(num_epochs) * steps_per_epoch
-    if max_steps:
-        total = min(total, int(max_steps))
+    steps_per_epoch = len(examples) // batch_size + (len(examples) % batch_size >= world)
+    total = int(cfg.num_epochs) * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, int(cfg.max_steps))
     if total < 1:
-        fail(f"{data_path}: {len(examples)} examples give no optimizer step")
+        fail(f"{cfg.data_path}: {len(examples)} examples give no optimizer step")
 
     # ---- model: student (+ delta merged) with the LoRA to train
-    model = build_student(base_model, delta_path, dtype, str(acc.device))
-    if gradient_checkpointing:
+    model = build_student(cfg.base_model, cfg.delta_path, cfg.dtype, str(acc.device))
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     model.config.use_cache = False
-    if init == "extracted":
-        model = PeftModel.from_pretrained(model, str(lora_init_path), is_trainable=True)
+    if cfg.init == "extracted":
+        model = extracted_init(model, cfg.lora_init_path)
     else:
-        missing = [m for m in modules if not any(n.endswith("." + m) or n == m for n, _ in model.named_modules())]
-        if missing:
-            fail(f"--lora_target_modules: the student has no module {', '.join(missing)}")
-        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, lora_dropout=lora_dropout, bias="none",
-                         task_type="CAUSAL_LM", init_lora_weights="pissa" if init == "pissa" else True)
-        model = get_peft_model(model, cfg)
+        model = (pissa_init if cfg.init == "pissa" else random_init)(model, cfg.modules, cfg.r, cfg.alpha,
+                                                                     cfg.lora_dropout)
     pissa_init_dir = out / "pissa_init"
-    if init == "pissa" and acc.is_main_process and not pissa_init_dir.exists():
+    if cfg.init == "pissa" and acc.is_main_process and not pissa_init_dir.exists():
         # PiSSA rewrites the base weights; keep the initial adapter so the final one can be converted
         # into a plain LoRA on the unmodified student (peft's path_initial_model_for_weight_conversion).
         with atomic_dir(pissa_init_dir) as tmp:
@@ -173,12 +349,13 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
             model.save_pretrained(str(tmp), save_embedding_layers=False)
             model.peft_config["default"].init_lora_weights = "pissa"
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(list(trainable.values()), lr=float(learning_rate), weight_decay=float(weight_decay))
-    sched = get_linear_schedule_with_warmup(opt, math.ceil(float(warmup_ratio) * total), total)
+    opt = torch.optim.AdamW(list(trainable.values()), lr=float(cfg.learning_rate),
+                            weight_decay=float(cfg.weight_decay))
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(float(cfg.warmup_ratio) * total), total)
 
     # ---- resume
     step = 0
-    if resume and done:
+    if done:
         step, ck = done[-1]
         from safetensors.torch import load_file
 
@@ -197,19 +374,20 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in trainable.values())
-        acc.print(f"LoRA ({init}) r={r} alpha={alpha} on {','.join(modules)}: {n_train:,} trainable params; "
-                  f"{total} steps of {batch_size} examples ({world} process(es) x {micro_batch_size} x {accum})")
+        acc.print(f"LoRA ({cfg.init}) r={cfg.r} alpha={cfg.alpha} on {','.join(cfg.modules)}: {n_train:,} "
+                  f"trainable params; {total} steps of {batch_size} examples ({world} process(es) x {micro_size} "
+                  f"x {accum})")
 
     pad = tokenizer.pad_token_id
     logs = []
     bar = tqdm(total=total, initial=step, desc="finetune", disable=not (progress and acc.is_main_process))
     while step < total:
         epoch = step // steps_per_epoch
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(int(seed) + epoch)).tolist()
-        idx = order[(step % steps_per_epoch) * int(batch_size):][:int(batch_size)]
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(int(cfg.seed) + epoch)).tolist()
+        idx = order[(step % steps_per_epoch) * batch_size:][:batch_size]
         mine = idx[rank::world]
-        micro = [mine[i:i + int(micro_batch_size)] for i in range(0, len(mine), int(micro_batch_size))]
-        torch.manual_seed(int(seed) * 1_000_003 + step)   # dropout: a resumed run replays the same masks
+        micro = [mine[i:i + micro_size] for i in range(0, len(mine), micro_size)]
+        torch.manual_seed(int(cfg.seed) * 1_000_003 + step)   # dropout: a resumed run replays the same masks
         loss_sum = torch.zeros((), device=acc.device)
         for k, mb in enumerate(micro):
             batch = {key: v.to(acc.device) for key, v in collate_left([examples[i] for i in mb], pad).items()}
@@ -219,8 +397,8 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
                 # Example-weighted mean over the global batch; DDP averages over processes, hence x world.
                 acc.backward(loss * (len(mb) * world / len(idx)))
             loss_sum += loss.detach() * len(mb)
-        if max_grad_norm:
-            acc.clip_grad_norm_(list(trainable.values()), float(max_grad_norm))
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(list(trainable.values()), float(cfg.max_grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -234,8 +412,8 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
         end_epoch = step % steps_per_epoch == 0
-        if step < total and ((save_steps and step % int(save_steps) == 0) or end_epoch):
-            _save_checkpoint(acc, model, opt, sched, out, step, save_total_limit)
+        if step < total and ((cfg.save_steps and step % int(cfg.save_steps) == 0) or end_epoch):
+            _save_checkpoint(acc, model, opt, sched, out, step, cfg.save_total_limit)
     bar.close()
 
     # ---- final adapter (PEFT format) in output_dir
@@ -243,14 +421,17 @@ def finetune(base_model: str, data_path: str, output_dir: str, delta_path: str |
     if acc.is_main_process:
         peft_model = acc.unwrap_model(model)
         with atomic_dir(out / ".final") as tmp:
-            kw = {"path_initial_model_for_weight_conversion": str(pissa_init_dir)} if init == "pissa" else {}
+            kw = {"path_initial_model_for_weight_conversion": str(pissa_init_dir)} if cfg.init == "pissa" else {}
             peft_model.save_pretrained(str(tmp), save_embedding_layers=False, **kw)
             for f in ADAPTER_FILES:
                 os.replace(Path(tmp) / f, out / f)
         shutil.rmtree(out / ".final", ignore_errors=True)
-        write_json(out / "finetune_args.json", {"base_model": str(base_model), "delta_path": str(delta_path) if delta_path else None,
-                                                "lora_init": init, "lora_init_path": str(lora_init_path) if lora_init_path else None,
-                                                "data_path": str(data_path), "steps": total, "seed": seed})
+        write_json(out / "finetune_args.json", {
+            "base_model": str(cfg.base_model), "delta_path": str(cfg.delta_path) if cfg.delta_path else None,
+            "lora_init": cfg.init, "lora_init_path": str(cfg.lora_init_path) if cfg.lora_init_path else None,
+            "data_path": str(cfg.data_path), "steps": total, "seed": cfg.seed})
+        if logs:
+            print(f"wrote {cfg.output_dir} (step {logs[-1]['step']}, loss {logs[-1]['loss']:.4f})")
     acc.wait_for_everyone()
     return logs
 
@@ -260,27 +441,42 @@ def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int):
     if acc.is_main_process:
         inner = acc.unwrap_model(model)
         state = {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
-        with atomic_dir(out / f"checkpoint-{step}") as tmp:
+        with atomic_dir(out / f"checkpoint{CHECKPOINT_SEP}{step}") as tmp:
             save_tensors(Path(tmp) / "trainable.safetensors", state)
             torch.save(opt.state_dict(), Path(tmp) / "optimizer.pt")
             torch.save(sched.state_dict(), Path(tmp) / "scheduler.pt")
-            write_json(Path(tmp) / "state.json", {"step": step})
+            write_json(Path(tmp) / CHECKPOINT_MARKER, {"step": step})
         for _, old in checkpoints(out)[:-max(1, int(limit))]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
 
 
-def merge(base_model: str, lora_path: str, output_dir: str, delta_path: str | None = None, dtype="auto",
-          device: str = "cpu") -> None:
-    """student (+ delta merged) + trained LoRA merged -> a plain HF model directory (safetensors + tokenizer)."""
+# -------------------------------------------------------------------------------------------- merge
+@dataclass
+class MergeConfig:
+    """student (+ delta merged) + trained LoRA merged -> a plain HF model directory (safetensors + tokenizer).
+    --delta_path is the get_delta.py output used in fine-tuning (leave it out for random/PiSSA LoRA).
+    --dtype auto keeps the base model's saved precision. An existing output is an error unless --overwrite."""
+    base_model: str
+    lora_path: str
+    output_dir: str
+    delta_path: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    overwrite: bool = False
 
-    check_model_path(base_model, "--base_model")
-    check_adapter_dir(lora_path, "--lora_path")
-    if delta_path:
-        check_adapter_dir(delta_path, "--delta_path")
-    model = build_student(base_model, delta_path, dtype, device)
-    model = merge_adapter(model, lora_path)
-    tokenizer = load_tokenizer(base_model)
-    with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+    def __post_init__(self):
+        check_model_path(self.base_model, "--base_model")
+        check_adapter_dir(self.lora_path, "--lora_path")
+        if self.delta_path:
+            check_adapter_dir(self.delta_path, "--delta_path")
+        check_output(self.output_dir, "--output_dir", self.overwrite, inputs={
+            "--base_model": self.base_model, "--lora_path": self.lora_path, "--delta_path": self.delta_path})
+
+
+def merge(cfg: MergeConfig) -> None:
+    """Write the merged model (no non-finite weight is ever saved)."""
+    model = build_student(cfg.base_model, cfg.delta_path, cfg.dtype, cfg.device)
+    model = merge_adapter(model, cfg.lora_path)
+    save_model(model, cfg.output_dir, load_tokenizer(cfg.base_model))
+    print(f"wrote {cfg.output_dir}")

@@ -1,6 +1,6 @@
 """PostPKT (Seeking Neural Nuggets): sensitivity, layer selection, max-sum submatrix, SVD into a LoRA.
 
-Pipeline (see docs/postpkt.md and /work/shared/spec/postpkt.md):
+Pipeline (see docs/postpkt.md):
 
 1. `sensitivity`: for each seed example one forward/backward of the teacher, loss on the response
    tokens; every tracked parameter accumulates `|theta * grad|` in fp32. A post-accumulate-grad hook
@@ -10,25 +10,27 @@ Pipeline (see docs/postpkt.md and /work/shared/spec/postpkt.md):
    ordered by index; kept teacher layer i feeds student layer i.
 3. `max_sum_submatrix`: per weight, the contiguous block of the student's shape with the largest
    summed sensitivity.
-4. `lora_factors`: SVD in fp32, B = U[:, :r] * S[:r], A = Vh[:r], stored fp16 as a PEFT adapter.
+4. `lora_factors`: SVD in fp32, B = U[:, :r] * S[:r], A = Vh[:r], handed (fp16) to
+   `pkt.lora.extracted_adapter`, which builds and saves the PEFT adapter.
+
+`extract(ExtractConfig)` runs the four steps end to end (`extract_lora_with_sensitivity.py` is its CLI).
 """
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from pkt.data import IGNORE, tokenize_example
-from pkt.io import fail, meta_model
+from pkt.data import IGNORE, encode_chat, load_chat_jsonl, task_split
+from pkt.io import check_model_path, check_output, fail, load_model, load_tokenizer, meta_model
+from pkt.lora import extracted_adapter, save_adapter
+from pkt.model import ALL_MODULES, EMBED_MODULES, LINEAR_MODULES, parse_modules
 
 log = logging.getLogger("pkt.postpkt")
 
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-EMBED_MODULES = ("embed_tokens", "lm_head")
-ALL_MODULES = LINEAR_MODULES + EMBED_MODULES
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Row chunk of the window scan: chunk * width float64 values live at once (a few of them).
 SCAN_CHUNK_ELEMENTS = 1 << 22
@@ -125,17 +127,6 @@ def max_sum_submatrix_bruteforce(sensitivity: torch.Tensor, rows: int, cols: int
 # ----------------------------------------------------------------------------------------------
 # Tokenisation, sensitivity, layer selection
 # ----------------------------------------------------------------------------------------------
-
-def encode_chat(tokenizer, messages: list[dict], cutoff_len: int, add_bos: bool = True) -> dict:
-    """input_ids/labels lists for PostPKT: the assistant turn ends with the EOS string, loss on the
-    response only. The reference's Llama tokenizer also prepends BOS (add_special_tokens defaults
-    to True); `add_bos` does the same when the tokenizer has a BOS token."""
-    bos = tokenizer.bos_token_id if add_bos else None
-    ex = tokenize_example(tokenizer, messages, cutoff_len=cutoff_len - (bos is not None), eos_response=True)
-    if bos is not None:
-        ex = {"input_ids": [bos] + ex["input_ids"], "labels": [IGNORE] + ex["labels"]}
-    return ex
-
 
 def sensitivity(model, examples: list[dict], params: dict[str, torch.nn.Parameter],
                 accum_device=None, progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
@@ -235,19 +226,6 @@ def to_fp16(t: torch.Tensor, what: str) -> torch.Tensor:
     return h
 
 
-def parse_modules(modules, allowed=ALL_MODULES, flag="--target_modules") -> list[str]:
-    """A list or a comma string (`"[q_proj,v_proj]"`) -> validated module names, order kept."""
-    if isinstance(modules, str):
-        modules = modules.strip("[]()").split(",")
-    modules = [str(m).strip().strip("'\"") for m in modules if str(m).strip()]
-    if not modules:
-        fail(f"{flag} is empty: expected some of {', '.join(allowed)}")
-    unknown = [m for m in modules if m not in allowed]
-    if unknown:
-        fail(f"unknown module(s) {', '.join(unknown)} in {flag}: expected some of {', '.join(allowed)}")
-    return list(dict.fromkeys(modules))
-
-
 def memory_plan(teacher, tracked_params: int, accum_device: str, model_device: str) -> str:
     """One-line memory note for the sensitivity pass."""
     n_all = sum(p.numel() for p in teacher.parameters())
@@ -304,66 +282,93 @@ def plan_blocks(teacher, student, layers: list[int], modules: list[str]) -> list
     return blocks
 
 
-def lora_modules_of(student_peft) -> dict[str, torch.nn.Module]:
-    """Student module name (without the peft prefix) -> its LoRA layer."""
-    from peft.tuners.lora import LoraLayer
+@dataclass
+class ExtractConfig:
+    """Teacher sensitivity -> layers -> blocks -> SVD -> a PEFT LoRA (fp16) for the student in --output_dir,
+    with selection.json.
 
-    out = {}
-    for name, mod in student_peft.named_modules():
-        if isinstance(mod, LoraLayer):
-            out[name.removeprefix("base_model.model.")] = mod
-    return out
+    --target_model (or --target_config: only the student's shapes are read); --data_path defaults to
+    <data_dir>/<task>/<task>_extract_split.jsonl. --accum_device cpu keeps the fp32 accumulators off the
+    GPU. --include_embeddings adds embed_tokens and lm_head (equal vocabularies needed). An existing output is
+    an error unless --overwrite."""
+    source_model: str
+    output_dir: str
+    target_model: str | None = None
+    target_config: str | None = None
+    task: str = "gsm"
+    data_path: str | None = None
+    num_examples: int | None = None
+    lora_r: int = 16
+    lora_alpha: int = 16
+    include_embeddings: bool = False
+    target_modules: str = ",".join(LINEAR_MODULES)
+    dtype: str = "fp32"
+    device: str | None = None
+    accum_device: str | None = None
+    cutoff_len: int = 2048
+    add_bos: bool = True
+    gradient_checkpointing: bool = False
+    data_dir: str = "data"
+    lora_dropout: float = 0.05
+    overwrite: bool = False
+    modules: list = field(init=False)        # target_modules parsed (+ the embeddings)
+
+    def __post_init__(self):
+        if (self.target_model is None) == (self.target_config is None):
+            fail("give exactly one of --target_model or --target_config")
+        self.data_path = self.data_path or str(task_split(self.task, "extract", self.data_dir))
+        self.modules = parse_modules(self.target_modules, "--target_modules", ALL_MODULES)
+        if self.include_embeddings:
+            self.modules += [m for m in EMBED_MODULES if m not in self.modules]
+        if int(self.lora_r) < 1:
+            fail(f"--lora_r {self.lora_r}: must be >= 1")
+        if self.num_examples is not None and int(self.num_examples) < 1:
+            fail(f"--num_examples {self.num_examples}: must be >= 1")
+        check_model_path(self.source_model, "--source_model")
+        check_model_path(self.target, self.target_flag)
+        check_output(self.output_dir, "--output_dir", self.overwrite, inputs={
+            "--source_model": self.source_model, self.target_flag: self.target, "--data_path": self.data_path})
+
+    @property
+    def target(self) -> str:
+        return self.target_model or self.target_config
+
+    @property
+    def target_flag(self) -> str:
+        return "--target_model" if self.target_model else "--target_config"
 
 
-def extract(source_model: str, target: str, data_path: str, output_dir: str, num_examples: int | None = None,
-            lora_r: int = 16, lora_alpha: int = 16, include_embeddings: bool = False,
-            target_modules=LINEAR_MODULES, dtype="fp32", device=None, accum_device=None,
-            cutoff_len: int = 2048, add_bos: bool = True, lora_dropout: float = 0.05,
-            gradient_checkpointing: bool = False, target_flag: str = "--target_model") -> dict:
-    """Teacher sensitivity -> layers -> blocks -> SVD -> PEFT LoRA for the student in `output_dir`
-    (written atomically, with selection.json). Returns the selection record."""
-    import json
-    from pathlib import Path
-
-    from peft import LoraConfig, get_peft_model
-
-    from pkt.data import load_chat_jsonl
-    from pkt.io import atomic_dir, load_model, load_tokenizer, write_json
-
+def extract(cfg: ExtractConfig) -> dict:
+    """Teacher sensitivity -> layers -> blocks -> SVD -> `pkt.lora.extracted_adapter`, saved in `output_dir`
+    (atomically, with selection.json). Returns the selection record."""
     # Validate everything cheap first: nothing is written when an input is wrong.
-    modules = parse_modules(target_modules)
-    if include_embeddings:
-        modules += [m for m in EMBED_MODULES if m not in modules]
-    if int(lora_r) < 1:
-        fail(f"--lora_r {lora_r}: must be >= 1")
-    records = load_chat_jsonl(data_path)
-    if num_examples is not None:
-        if int(num_examples) < 1:
-            fail(f"--num_examples {num_examples}: must be >= 1")
-        records = records[:int(num_examples)]
-    student = meta_model(target, target_flag)
-    teacher_meta = meta_model(source_model, "--source_model")
+    records = load_chat_jsonl(cfg.data_path)
+    if cfg.num_examples is not None:
+        records = records[:int(cfg.num_examples)]
+    lora_r, modules = int(cfg.lora_r), cfg.modules
+    student = meta_model(cfg.target, cfg.target_flag)
+    teacher_meta = meta_model(cfg.source_model, "--source_model")
     n_student = student.config.num_hidden_layers
     n_teacher = teacher_meta.config.num_hidden_layers
     if n_student > n_teacher:
         fail(f"the student has {n_student} layers, more than the teacher's {n_teacher}")
     for b in plan_blocks(teacher_meta, student, list(range(n_student)), modules):
-        if int(lora_r) > min(b.shape):
+        if lora_r > min(b.shape):
             fail(f"--lora_r {lora_r} exceeds the {b.shape[0]}x{b.shape[1]} block of {b.student}")
     del teacher_meta
 
-    tokenizer = load_tokenizer(source_model)
-    examples = [encode_chat(tokenizer, r["messages"], int(cutoff_len), add_bos) for r in records]
-    teacher = load_model(source_model, dtype=dtype, device=device, flag="--source_model")
-    if gradient_checkpointing:
+    tokenizer = load_tokenizer(cfg.source_model)
+    examples = [encode_chat(tokenizer, r["messages"], int(cfg.cutoff_len), cfg.add_bos) for r in records]
+    teacher = load_model(cfg.source_model, dtype=cfg.dtype, device=cfg.device, flag="--source_model")
+    if cfg.gradient_checkpointing:
         teacher.gradient_checkpointing_enable()
         teacher.config.use_cache = False
     model_device = next(teacher.parameters()).device
-    accum_device = accum_device or model_device
+    accum_device = cfg.accum_device or model_device
 
     # Track decoder-layer parameters (layer scores) and, if needed, the embedding / lm_head.
     embed_params = set()
-    if include_embeddings:
+    if cfg.include_embeddings:
         embed_params = {id(teacher.get_input_embeddings().weight), id(teacher.get_output_embeddings().weight)}
     params = {n: p for n, p in teacher.named_parameters()
               if layer_index(n) is not None or id(p) in embed_params}
@@ -371,7 +376,7 @@ def extract(source_model: str, target: str, data_path: str, output_dir: str, num
           flush=True)
     sens, used = sensitivity(teacher, examples, params, accum_device=accum_device)
     if used == 0:
-        fail(f"{data_path}: no example has response tokens within --cutoff_len {cutoff_len}")
+        fail(f"{cfg.data_path}: no example has response tokens within --cutoff_len {cfg.cutoff_len}")
 
     scores = layer_scores(sens, n_teacher)
     layers = select_layers(scores, n_student)
@@ -380,11 +385,7 @@ def extract(source_model: str, target: str, data_path: str, output_dir: str, num
     name_of = {id(p): n for n, p in teacher.named_parameters()}
     t_mods = dict(teacher.named_modules())
 
-    cfg = LoraConfig(r=int(lora_r), lora_alpha=int(lora_alpha), target_modules=modules, lora_dropout=lora_dropout,
-                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(target))
-    peft_student = get_peft_model(student, cfg)   # meta device: the LoRA layers are filled below
-    lora_of = lora_modules_of(peft_student)
-    record_blocks = {}
+    factors, record_blocks = {}, {}
     for b in tqdm(blocks, desc="submatrix + svd"):
         w = t_mods[b.teacher].weight
         s = sens[name_of[id(w)]]
@@ -392,64 +393,22 @@ def extract(source_model: str, target: str, data_path: str, output_dir: str, num
             w, s = w.t(), s.t()
         top, left = max_sum_submatrix(s, *b.shape)
         block = w[top:top + b.shape[0], left:left + b.shape[1]].detach().float()
-        B, A = lora_factors(block, int(lora_r))
-        B, A = to_fp16(B.cpu(), b.student), to_fp16(A.cpu(), b.student)
-        lora = lora_of[b.student]
-        if b.transposed or b.student.endswith("embed_tokens"):
-            lora.lora_embedding_A["default"] = torch.nn.Parameter(A)   # [r, vocab]
-            lora.lora_embedding_B["default"] = torch.nn.Parameter(B)   # [d, r]
-        else:
-            lora.lora_A["default"].weight = torch.nn.Parameter(A)       # [r, in]
-            lora.lora_B["default"].weight = torch.nn.Parameter(B)       # [out, r]
+        B, A = lora_factors(block, lora_r)
+        factors[b.student] = (to_fp16(B.cpu(), b.student), to_fp16(A.cpu(), b.student))
         record_blocks[b.student] = {"teacher": b.teacher, "top": top, "left": left, "rows": b.shape[0],
                                     "cols": b.shape[1], "transposed": b.transposed,
                                     "block_sensitivity": float(s[top:top + b.shape[0], left:left + b.shape[1]]
                                                                .sum(dtype=torch.float64))}
     selection = {
-        "source_model": str(source_model), "target_model": str(target), "data_path": str(data_path),
-        "num_examples": used, "lora_r": int(lora_r), "lora_alpha": int(lora_alpha), "target_modules": modules,
+        "source_model": str(cfg.source_model), "target_model": str(cfg.target), "data_path": str(cfg.data_path),
+        "num_examples": used, "lora_r": lora_r, "lora_alpha": int(cfg.lora_alpha), "target_modules": modules,
         "selected_layers": layers, "layer_map": {str(i): j for j, i in enumerate(layers)},
         "layer_sensitivity": scores, "blocks": record_blocks,
     }
-    with atomic_dir(output_dir) as tmp:
-        # peft writes adapter_config.json + adapter_model.safetensors; the base weights stay on the
-        # meta device and are never saved (save_embedding_layers=False: only the LoRA factors).
-        peft_student.save_pretrained(str(tmp), save_embedding_layers=False)
-        (Path(tmp) / "README.md").unlink(missing_ok=True)   # peft's empty model card
-        write_json(Path(tmp) / "selection.json", selection)
-        saved = json.loads((Path(tmp) / "adapter_config.json").read_text())
-        if saved.get("r") != int(lora_r):
-            fail("peft wrote an unexpected adapter_config.json")
+    # the student stays on the meta device: the adapter holds only the extracted factors
+    adapter = extracted_adapter(student, factors, modules, lora_r, int(cfg.lora_alpha), cfg.lora_dropout,
+                                base_model=str(cfg.target))
+    save_adapter(adapter, cfg.output_dir, files={"selection.json": selection})
+    print(f"wrote {cfg.output_dir} ({len(record_blocks)} LoRA modules from {used} examples; "
+          f"teacher layers {layers})")
     return selection
-
-
-def negate_lora_A(lora_path: str, output_path: str) -> int:
-    """Copy the adapter in `lora_path` to `output_path` with every lora_A / lora_embedding_A negated,
-    so that merging it subtracts B @ A. Returns the number of tensors negated."""
-    import shutil
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from pkt.io import atomic_dir, save_tensors
-
-    src = Path(lora_path)
-    weights = src / "adapter_model.safetensors"
-    if not (src / "adapter_config.json").is_file() or not weights.is_file():
-        fail(f"--lora_path {lora_path}: expected adapter_config.json and adapter_model.safetensors there")
-    if Path(output_path).resolve() == src.resolve():
-        fail("--output_path must differ from --lora_path")
-    tensors = load_file(str(weights))
-    flipped = 0
-    for k in tensors:
-        if ".lora_A." in k or k.endswith(".lora_A") or "lora_embedding_A" in k:
-            tensors[k] = -tensors[k]
-            flipped += 1
-    if not flipped:
-        fail(f"--lora_path {lora_path}: no lora_A tensors found")
-    with atomic_dir(output_path) as tmp:
-        for f in src.iterdir():
-            if f.is_file() and f.name != weights.name:
-                shutil.copy2(f, Path(tmp) / f.name)
-        save_tensors(Path(tmp) / weights.name, tensors, metadata={"format": "pt"})
-    return flipped

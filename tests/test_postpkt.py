@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from conftest import ROOT, make_llama, save_model
+from pkt.data import encode_chat
 from pkt.io import PKTError
-from pkt.postpkt import (encode_chat, extract, max_sum_submatrix, max_sum_submatrix_bruteforce, negate_lora_A,
-                         select_layers, sensitivity)
+from pkt.lora import FinetuneConfig, MergeConfig, negate_lora_A
+from pkt.postpkt import (ExtractConfig, extract, max_sum_submatrix, max_sum_submatrix_bruteforce, select_layers,
+                         sensitivity)
 
 
 
@@ -112,8 +114,10 @@ def extracted(tmp_path_factory, teacher_dir, student_dir, chat_jsonl):
     root = tmp_path_factory.mktemp("postpkt")
     data = chat_jsonl("seed.jsonl", 6)
     lora, full = root / "lora", root / "lora_full"
-    extract(teacher_dir, student_dir, data, lora, include_embeddings=True, device="cpu")
-    extract(teacher_dir, student_dir, data, full, lora_r=64, lora_alpha=64, include_embeddings=True, device="cpu")
+    extract(ExtractConfig(teacher_dir, lora, target_model=student_dir, data_path=data, include_embeddings=True,
+                          device="cpu"))
+    extract(ExtractConfig(teacher_dir, full, target_model=student_dir, data_path=data, lora_r=64, lora_alpha=64,
+                          include_embeddings=True, device="cpu"))
     negate_lora_A(lora, root / "delta")
     return {"root": root, "lora": lora, "full": full, "delta": root / "delta", "data": data}
 
@@ -228,9 +232,9 @@ def trained(extracted, student_dir, chat_jsonl):
 
     data = chat_jsonl("train.jsonl", 16, seed=1)
     out = extracted["root"] / "ft"
-    logs = finetune(student_dir, data, out, delta_path=extracted["delta"], lora_init_path=extracted["lora"],
-                    num_epochs=1, learning_rate=2e-3, batch_size=4, micro_batch_size=2, cutoff_len=128,
-                    save_steps=2, seed=3, progress=False)
+    logs = finetune(FinetuneConfig(student_dir, out, data_path=data, delta_path=extracted["delta"],
+                                   lora_init_path=extracted["lora"], num_epochs=1, learning_rate=2e-3, batch_size=4,
+                                   micro_batch_size=2, cutoff_len=128, save_steps=2, seed=3), progress=False)
     return {"out": out, "logs": logs, "data": data}
 
 
@@ -265,10 +269,12 @@ def test_finetune_resume_reproduces_run(trained, extracted, student_dir, tmp_pat
     shutil.copytree(trained["out"] / "checkpoint-2", out / "checkpoint-2")
     shutil.copy(trained["out"] / "train_log.jsonl", out / "train_log.jsonl")
     with pytest.raises(PKTError, match="--resume"):
-        finetune(student_dir, trained["data"], out, delta_path=extracted["delta"], lora_init_path=extracted["lora"])
-    logs = finetune(student_dir, trained["data"], out, delta_path=extracted["delta"],
-                    lora_init_path=extracted["lora"], num_epochs=1, learning_rate=2e-3, batch_size=4,
-                    micro_batch_size=2, cutoff_len=128, save_steps=2, seed=3, resume=True, progress=False)
+        finetune(FinetuneConfig(student_dir, out, data_path=trained["data"], delta_path=extracted["delta"],
+                                lora_init_path=extracted["lora"]))
+    logs = finetune(FinetuneConfig(student_dir, out, data_path=trained["data"], delta_path=extracted["delta"],
+                                   lora_init_path=extracted["lora"], num_epochs=1, learning_rate=2e-3, batch_size=4,
+                                   micro_batch_size=2, cutoff_len=128, save_steps=2, seed=3, resume=True),
+                    progress=False)
     assert [r["step"] for r in logs] == [3, 4]
     lines = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert lines == [1, 2, 3, 4]
@@ -285,7 +291,7 @@ def test_merge_equals_base_delta_adapter(trained, extracted, student_dir, tokeni
     from pkt.lora import merge, merge_adapter
 
     out = tmp_path / "merged"
-    merge(student_dir, trained["out"], out, delta_path=extracted["delta"])
+    merge(MergeConfig(student_dir, trained["out"], out, delta_path=extracted["delta"]))
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert any(p.name.endswith(".safetensors") for p in out.iterdir()) and (out / "tokenizer.json").is_file()
     base = merge_adapter(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32), extracted["delta"])
@@ -306,13 +312,14 @@ def test_random_and_pissa_baselines(student_dir, chat_jsonl, tmp_path, tokenizer
     ids = torch.tensor([tokenizer("<|user|>\nQuestion: 1 + 1 =")["input_ids"]])
     for init in ("random", "pissa"):
         out = tmp_path / init
-        finetune(student_dir, data, out, lora_init=init, lora_target_modules="q_proj,v_proj,down_proj", lora_r=4,
-                 lora_alpha=8, num_epochs=1, batch_size=2, micro_batch_size=2, cutoff_len=64, progress=False)
+        finetune(FinetuneConfig(student_dir, out, data_path=data, lora_init=init,
+                                lora_target_modules="q_proj,v_proj,down_proj", lora_r=4, lora_alpha=8, num_epochs=1,
+                                batch_size=2, micro_batch_size=2, cutoff_len=64), progress=False)
         cfg = json.loads((out / "adapter_config.json").read_text())
         assert sorted(cfg["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
         assert cfg["r"] == (8 if init == "pissa" else 4)   # PiSSA -> plain LoRA of rank 2r
         # the saved adapter applies to the *unmodified* student (PiSSA converted by peft)
-        merge(student_dir, out, tmp_path / f"{init}_merged")
+        merge(MergeConfig(student_dir, out, tmp_path / f"{init}_merged"))
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / f"{init}_merged", dtype=torch.float32).eval()
         ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
                                         str(out)).eval()
@@ -325,18 +332,20 @@ def test_random_and_pissa_baselines(student_dir, chat_jsonl, tmp_path, tokenizer
 def test_student_wider_than_teacher_fails(student_dir, tokenizer, tmp_path, chat_jsonl):
     wide = save_model(make_llama(hidden=96, ffn=160, layers=3, seed=4), tokenizer, tmp_path / "wide")
     with pytest.raises(PKTError, match="wider than the teacher"):
-        extract(student_dir, wide, chat_jsonl("w.jsonl", 2), tmp_path / "out", device="cpu")
+        extract(ExtractConfig(student_dir, tmp_path / "out", target_model=wide, data_path=chat_jsonl("w.jsonl", 2),
+                              device="cpu"))
     deep = save_model(make_llama(hidden=64, ffn=160, layers=5, seed=4), tokenizer, tmp_path / "deep")
     with pytest.raises(PKTError, match="more than the teacher"):
-        extract(student_dir, deep, chat_jsonl("w.jsonl", 2), tmp_path / "out", device="cpu")
+        extract(ExtractConfig(student_dir, tmp_path / "out", target_model=deep, data_path=chat_jsonl("w.jsonl", 2),
+                              device="cpu"))
     assert not (tmp_path / "out").exists()
 
 
 def test_vocab_mismatch_with_embeddings_fails(teacher_dir, tokenizer, tmp_path, chat_jsonl):
     other = save_model(make_llama(hidden=64, ffn=160, layers=3, vocab=320, seed=4), tokenizer, tmp_path / "v320")
     with pytest.raises(PKTError, match="equal vocabularies"):
-        extract(teacher_dir, other, chat_jsonl("v.jsonl", 2), tmp_path / "out", include_embeddings=True,
-                device="cpu")
+        extract(ExtractConfig(teacher_dir, tmp_path / "out", target_model=other, data_path=chat_jsonl("v.jsonl", 2),
+                              include_embeddings=True, device="cpu"))
     assert not (tmp_path / "out").exists()
 
 
@@ -344,9 +353,11 @@ def test_unknown_module_fails(teacher_dir, student_dir, chat_jsonl, tmp_path):
     from pkt.lora import finetune
 
     with pytest.raises(PKTError, match="unknown module"):
-        extract(teacher_dir, student_dir, chat_jsonl("u.jsonl", 2), tmp_path / "out", target_modules="q_proj,foo")
+        extract(ExtractConfig(teacher_dir, tmp_path / "out", target_model=student_dir,
+                              data_path=chat_jsonl("u.jsonl", 2), target_modules="q_proj,foo"))
     with pytest.raises(PKTError, match="unknown module"):
-        finetune(student_dir, chat_jsonl("u.jsonl", 2), tmp_path / "ft", lora_target_modules="[q_proj,mlp]")
+        finetune(FinetuneConfig(student_dir, tmp_path / "ft", data_path=chat_jsonl("u.jsonl", 2),
+                                lora_target_modules="[q_proj,mlp]"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()
 
 
