@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -293,3 +294,65 @@ def locate(model, examples, n_layers: int, ffn_k: int, attn_k: int, precision: s
                      attn_neurons=top_neurons(attn_s, attn_k, attn_tie),
                      attn_layers_ranked=attn_ranked, ffn_layers_ranked=ffn_ranked,
                      attn_layer_scores=attn_l, ffn_layer_scores=ffn_l, ffn_scores=ffn_s, attn_scores=attn_s)
+
+
+# ------------------------------------------------------------------------------- one example, one file
+@dataclass
+class LocateConfig:
+    """Locate the layers and neurons of one model on one example; write them in the reference's selection
+    format (attn/ffn layer rankings, selected neurons and their scores) to --out, atomically.
+
+    EXAMPLE_JSON holds `input_ids` (the model reads all but the last id; the last id is the target), e.g.
+    tests/fixtures/tiny_llama/reference_selection.json. Instead of a file, give --prompt and --response to
+    tokenise a chat example with the model's own tokenizer. --n_layers defaults to all the model's layers.
+    An existing --out is an error unless --overwrite."""
+    model_dir: str
+    example_json: str | None = None
+    n_layers: int | None = None
+    ffn_k: int = 0
+    attn_k: int = 0
+    out: str = "selection.json"
+    precision: str = "fp32"
+    prompt: str | None = None
+    response: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        from pkt.io import check_output
+
+        if self.precision not in PRECISIONS:
+            fail(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.example_json is not None:
+            if not Path(self.example_json).is_file():
+                fail(f"{self.example_json}: no such file")
+        elif self.prompt is None or self.response is None:
+            fail("give EXAMPLE_JSON, or --prompt and --response")
+        check_output(self.out, "--out", self.overwrite, inputs={"MODEL_DIR": self.model_dir,
+                                                               "EXAMPLE_JSON": self.example_json})
+
+
+def locate_example(cfg: LocateConfig) -> Selection:
+    """`locate` on the one example of `cfg`, written to cfg.out."""
+    import json
+
+    from pkt.data import locate_ids
+    from pkt.io import load_model, load_tokenizer, write_json
+
+    if cfg.example_json is not None:
+        try:
+            ids = json.loads(Path(cfg.example_json).read_text())["input_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            fail(f"{cfg.example_json}: expected a JSON object with field 'input_ids'")
+    else:
+        ids = locate_ids(load_tokenizer(cfg.model_dir), [{"role": "user", "content": cfg.prompt},
+                                                         {"role": "assistant", "content": cfg.response}])
+    # The reference ran the patched (eager) attention; the reference-precision mode follows it.
+    model = load_model(cfg.model_dir, dtype=cfg.dtype, device=cfg.device, flag="MODEL_DIR",
+                       attn_implementation="eager" if cfg.precision == "reference" else None)
+    n_layers = cfg.n_layers or model.config.num_hidden_layers
+    sel = locate(model, [ids], n_layers=n_layers, ffn_k=cfg.ffn_k, attn_k=cfg.attn_k, precision=cfg.precision)
+    write_json(cfg.out, sel.to_json(), indent=None)
+    print(f"attention layers {sel.attn_layers}, FFN layers {sel.ffn_layers} -> {cfg.out}")
+    return sel
