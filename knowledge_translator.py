@@ -14,20 +14,20 @@ import torch
 from torch import nn
 
 from pkt.io import atomic_dir, fail, save_tensors, write_json
+from pkt.model import COL_MODULES, TRANSFER_MODULES
 
-MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
-COLUMN_MODULES = ("down_proj", "o_proj")  # extracted as [n_layers, d, k]: translated along d
+# COL_MODULES (down/o) are extracted as [n_layers, d, k]: translated along d.
 WEIGHTS = "translator.safetensors"
 CONFIG = "translator_config.json"
 
 
 class KnowledgeTranslator(nn.Module):
-    def __init__(self, d_T: int, d_S: int, modules=MODULES, source_model: str = "", target_model: str = "",
+    def __init__(self, d_T: int, d_S: int, modules=TRANSFER_MODULES, source_model: str = "", target_model: str = "",
                  transfer_rate: float | None = None, init_std: float = 1e-5):
         super().__init__()
-        unknown = [m for m in modules if m not in MODULES]
+        unknown = [m for m in modules if m not in TRANSFER_MODULES]
         if unknown:
-            fail(f"unknown module(s) {', '.join(unknown)}: expected some of {', '.join(MODULES)}")
+            fail(f"unknown module(s) {', '.join(unknown)}: expected some of {', '.join(TRANSFER_MODULES)}")
         self.d_T, self.d_S = int(d_T), int(d_S)
         self.modules_ = list(modules)
         self.source_model, self.target_model, self.transfer_rate = source_model, target_model, transfer_rate
@@ -45,7 +45,7 @@ class KnowledgeTranslator(nn.Module):
         out = {}
         for m in self.modules_:
             x = extracted[m].to(device=device, dtype=torch.float32)
-            if m in COLUMN_MODULES:
+            if m in COL_MODULES:
                 out[m] = self.network[m](x.transpose(1, 2)).transpose(1, 2)
             else:
                 out[m] = self.network[m](x)

@@ -21,15 +21,6 @@ except ImportError:  # run as a script: analysis/ is sys.path[0]
 ANALYSES = ("representation", "parametric")
 
 
-def _names(value, flag: str, allowed) -> list[str]:
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    items = [str(s).strip() for s in items if str(s).strip()]
-    bad = [s for s in items if s not in allowed]
-    if not items or bad:
-        fail(f"{flag} {value!r}: expected a comma-separated subset of {', '.join(allowed)}")
-    return list(dict.fromkeys(items))
-
-
 def _label(path) -> str:
     p = Path(str(path))
     return p.name if p.exists() else str(path)
@@ -125,7 +116,9 @@ def main(teacher: str, student: str, data: str, out_dir: str = "figures/similari
 
     from pkt import similarity as sim
     from pkt.data import load_chat_jsonl
-    from pkt.io import check_model_path, default_device, int_flag, load_model, load_tokenizer, resolve_dtype, write_json
+    from pkt.io import (check_model_path, default_device, int_flag, load_model, load_tokenizer, parse_list,
+                        resolve_dtype, write_json)
+    from pkt.model import LINEAR_MODULES, parse_modules
 
     n_examples = int_flag(n_examples, "--n_examples", 2)
     max_len = int_flag(max_len, "--max_len", 2)
@@ -136,8 +129,8 @@ def main(teacher: str, student: str, data: str, out_dir: str = "figures/similari
     seed = int_flag(seed, "--seed", 0)
     if positions not in sim.POSITIONS:
         fail(f"--positions {positions!r}: expected one of {', '.join(sim.POSITIONS)}")
-    modules = _names(modules, "--modules", sim.MODULES)
-    analyses = _names(analyses, "--analyses", ANALYSES)
+    modules = parse_modules(modules, "--modules", LINEAR_MODULES)
+    analyses = parse_list(analyses, "--analyses", choices=ANALYSES)
     resolve_dtype(dtype)
     check_model_path(teacher, "--teacher")
     check_model_path(student, "--student")

@@ -20,6 +20,7 @@ import torch
 
 from modeling_llama_laten import trace
 from pkt.attribution import locate, make_readout
+from pkt.model import residual_stream
 from pkt.testing import LLAMA2_SHAPES
 
 SHAPES = {
@@ -66,21 +67,21 @@ def _all_positions(model, ids) -> dict:
     """Every position's activations, as the original's patched model returns them (eager attention)."""
     layers = model.model.layers
     H = model.config.num_attention_heads
-    store = {k: [] for k in ("x", "a", "m", "f", "out", "v")}
+    store = {k: [] for k in ("a", "m", "f", "v")}
     hooks = []
     for layer in layers:
-        hooks += [layer.register_forward_pre_hook(lambda m, a, kw: store["x"].append((a or (kw["hidden_states"],))[0][0]),
-                                                  with_kwargs=True),
-                  layer.register_forward_hook(lambda m, a, o: store["out"].append((o[0] if isinstance(o, tuple) else o)[0])),
-                  layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: store["a"].append(o[0])),
+        hooks += [layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: store["a"].append(o[0])),
                   layer.self_attn.v_proj.register_forward_hook(lambda m, a, o: store["v"].append(o[0])),
                   layer.mlp.down_proj.register_forward_hook(lambda m, a, o: (store["m"].append(a[0][0]),
                                                                               store["f"].append(o[0])) and None)]
     try:
-        out = model.model(input_ids=ids, output_attentions=True, use_cache=False)
+        with residual_stream(model, range(len(layers) + 1)) as hs:    # layer l reads depth l, writes depth l+1
+            out = model.model(input_ids=ids, output_attentions=True, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
+    store["x"] = [hs[d][0] for d in range(len(layers))]
+    store["out"] = [hs[d + 1][0] for d in range(len(layers))]
     T = ids.shape[1]
     # the patched attention's sub-values: p[h, last, t] * v[h, t, j] for every position t -> [H, T, hd]
     store["sub"] = [p[0, :, -1, :, None] * v.view(T, H, -1).transpose(0, 1) for p, v in zip(out.attentions, store["v"])]

@@ -136,9 +136,10 @@ def _typed_flag(flag: str, value, hint):
     return value
 
 
-def parse_list(value, flag: str, cast=str, choices=None, allow_empty: bool = False) -> list:
+def parse_list(value, flag: str, cast=str, choices=None, allow_empty: bool = False, unique: bool = True) -> list:
     """A list flag as fire hands it over (`a,b`, `[a, b]`, a tuple/list, or one scalar) -> a list of `cast`
-    values, order kept, duplicates dropped; `choices` restricts the values. One-line errors name the flag."""
+    values, order kept, duplicates dropped (kept with `unique=False`); `choices` restricts the values.
+    One-line errors name the flag."""
     if value is None:
         items = []
     elif isinstance(value, str):
@@ -157,7 +158,7 @@ def parse_list(value, flag: str, cast=str, choices=None, allow_empty: bool = Fal
             fail(f"{flag} {value!r}: {v!r} is not {getattr(cast, '__name__', 'valid')}")
         if choices is not None and v not in choices:
             fail(f"{flag}: unknown value {v!r} (choose from {', '.join(map(str, choices))})")
-        if v not in out:
+        if not unique or v not in out:
             out.append(v)
     if not out and not allow_empty:
         fail(f"{flag} is empty")

@@ -26,15 +26,13 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from pkt.model import decoder_layers, linear
+from pkt.model import LINEAR_MODULES, TRANSFER_MODULES, decoder_layers, linear, residual_stream
 from pkt.data import collate_left, tokenize_example
 from pkt.io import fail
 
 READS = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
          "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}
 WRITES = ("o_proj", "down_proj")
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LATEN_MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")   # what LaTen transfers
 POSITIONS = ("all", "last")
 
 
@@ -180,29 +178,20 @@ def hidden_states(model, batches: list[dict], desc: str = "hidden states") -> li
     (fp32, CPU; rows in batch order, then row-major (example, position) order).
 
     `batches`: dicts with `input_ids`, `attention_mask` `[b, s]` and optionally `keep` `[b, s]`
-    (default: the non-pad tokens). Forward hooks on the stock decoder layers; no LM head is run.
-    (This is HF's `hidden_states[1:]`, except that HF gives the last one after the final norm.)
+    (default: the non-pad tokens). `pkt.model.residual_stream` at depths 1..L (the output of layer 0..L-1);
+    no LM head is run. (This is HF's `hidden_states[1:]`, except that HF gives the last one after the final
+    norm.)
     """
-    layers = decoder_layers(model)
+    L = len(decoder_layers(model))
     device = next(model.parameters()).device
-    store: list[list[torch.Tensor]] = [[] for _ in layers]
-    keep = {}
-
-    def hook(i):
-        def fn(mod, args, out):
-            h = out[0] if isinstance(out, tuple) else out                                  # [b, s, d]
-            store[i].append(h[keep["mask"]].float().cpu())                                   # [k, d]
-        return fn
-
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
+    store: list[list[torch.Tensor]] = [[] for _ in range(L)]
+    with residual_stream(model, range(1, L + 1)) as hs:
         for b in tqdm(batches, desc=desc, leave=False):
             mask = b["attention_mask"].to(device)
-            keep["mask"] = b.get("keep", mask.bool()).to(device)
+            keep = b.get("keep", mask.bool()).to(device)
             model.model(input_ids=b["input_ids"].to(device), attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+            for d in range(1, L + 1):
+                store[d - 1].append(hs[d][keep].float().cpu())                            # [k, d]
     return [torch.cat(s) for s in store]
 
 
@@ -222,8 +211,8 @@ def weight_in_vocab_space(model, layer: int, module: str, token_ids: torch.Tenso
     `W: [d, in]`): the unembedding rows of `token_ids` scaled by the final norm's weight, times
     `W` -> `[n, in]` (what each neuron's output vector adds to those tokens' logits).
     """
-    if module not in MODULES:
-        fail(f"unknown module '{module}': expected one of {', '.join(MODULES)}")
+    if module not in LINEAR_MODULES:
+        fail(f"unknown module '{module}': expected one of {', '.join(LINEAR_MODULES)}")
     W = linear(model, layer, module).weight
     ids = token_ids.to(W.device)
     if module in READS:
@@ -235,7 +224,7 @@ def weight_in_vocab_space(model, layer: int, module: str, token_ids: torch.Tenso
 
 
 @torch.no_grad()
-def parametric_signatures(model, token_ids: torch.Tensor, modules=LATEN_MODULES,
+def parametric_signatures(model, token_ids: torch.Tensor, modules=TRANSFER_MODULES,
                           desc: str = "weights") -> dict[str, torch.Tensor]:
     """{module: `[L, n, n]`} Gram signatures of every layer's weight in vocabulary space (fp32, CPU).
     Models can then be compared one at a time: `cka_matrix(sig_teacher, sig_student)`."""
@@ -257,7 +246,7 @@ def embedding_signatures(model, token_ids: torch.Tensor) -> dict[str, torch.Tens
             "unembeddings": gram_signature(model.lm_head.weight[ids]).cpu()[None]}
 
 
-def parametric_similarity(teacher, student, token_ids: torch.Tensor, modules=LATEN_MODULES) -> dict[str, torch.Tensor]:
+def parametric_similarity(teacher, student, token_ids: torch.Tensor, modules=TRANSFER_MODULES) -> dict[str, torch.Tensor]:
     """{module: `[L_teacher, L_student]`} linear CKA of the two models' weights in vocabulary space.
     Both models must share the vocabulary that `token_ids` index."""
     st, ss = parametric_signatures(teacher, token_ids, modules), parametric_signatures(student, token_ids, modules)

