@@ -353,3 +353,17 @@ def test_cli_mistyped_flag_exit_2_before_anything_runs(script, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["error: unknown flag --learnig_rate (see --help)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_transfer_refuses_an_existing_output_without_overwrite(trained, teacher_dir, student_dir, data, tmp_path):
+    save_dir, _ = trained
+    kw = dict(source_model=teacher_dir, target_model=student_dir, data_path=data["train"],
+              translator_checkpoints=str(save_dir), transfer_rates=[0.5], steps=[0], output_dir=str(tmp_path))
+    taken = laten.transfer_dir(tmp_path, student_dir, 0.5, 0)
+    taken.mkdir()
+    (taken / "model.safetensors").write_text("a user's file")
+    with pytest.raises(PKTError, match="already exists and is not empty"):
+        TransferConfig(**kw)
+    assert TransferConfig(**kw, overwrite=True).rates == [0.5]
+    with pytest.raises(PKTError, match="lies inside the input --translator_checkpoints"):
+        TransferConfig(**{**kw, "output_dir": str(save_dir / "fused")})

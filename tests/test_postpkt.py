@@ -374,3 +374,15 @@ def test_cli_missing_data_file_exits_2(teacher_dir, student_dir, tmp_path):
         err = p.stderr.strip().splitlines()
         assert err[-1].startswith("error: ") and ("nope.jsonl" in err[-1] or "nolora" in err[-1]), p.stderr
         assert not out.exists()
+
+
+def test_outputs_are_checked_against_inputs_before_anything_loads(extracted, student_dir, tmp_path):
+    from pkt.lora import DeltaConfig
+
+    with pytest.raises(PKTError, match="is the input --base_model itself"):
+        MergeConfig(student_dir, extracted["lora"], student_dir)
+    with pytest.raises(PKTError, match="contains the input --lora_path"):
+        DeltaConfig(str(extracted["lora"]), str(extracted["root"]))
+    with pytest.raises(PKTError, match="already exists and is not empty"):
+        DeltaConfig(str(extracted["lora"]), str(extracted["delta"]))
+    assert DeltaConfig(str(extracted["lora"]), str(extracted["delta"]), overwrite=True).output_path
