@@ -25,7 +25,7 @@ from pkt.io import PKTError
 
 BWRAP = resolve_isolation("auto")
 needs_bwrap = pytest.mark.skipif(not BWRAP.bwrap and not os.environ.get("PKT_REQUIRE_BWRAP"),
-                                 reason=f"needs a working bwrap (apt-get install bubblewrap): {BWRAP.warning}")
+                                 reason=f"needs a working bwrap ({BWRAP.warning.split(';')[0]})")
 MODES = ["off", pytest.param("require", marks=needs_bwrap)]
 
 
@@ -174,7 +174,7 @@ def _sandbox_processes(root: Path) -> list[str]:
         except OSError:
             continue
         if str(root) in cmd or str(root) in cwd:
-            found.append(f"{p}: {cmd[:100]}")
+            found.append(f"{p}: {cmd}")
     return found
 
 
@@ -289,3 +289,19 @@ def test_setsid_child_dies_with_the_program(host):
     assert _sandbox_processes(host.parent / "work") == []
     time.sleep(2.5)  # past the moment the child would have written
     assert not late.exists()
+
+
+@needs_bwrap
+def test_sandbox_dies_with_the_scorer(host):
+    code = ("from pkt.eval.sandbox import run_program\n"
+            "run_program('import time\\ntime.sleep(60)', timeout=60, isolation='require')")
+    scorer = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
+    try:
+        deadline = time.time() + 20
+        while not any(".runner.py" in p and "bwrap" not in p for p in _sandbox_processes(host.parent / "work")):
+            assert time.time() < deadline and scorer.poll() is None, "the program never started"
+            time.sleep(0.05)
+    finally:
+        scorer.kill()
+        scorer.wait()
+    # the fixture checks that nothing of the sandbox is left once the scorer is gone
