@@ -10,6 +10,10 @@ Missing tasks are shown as "-". Accuracies / pass@1 are printed in percent: valu
 read as fractions (`--scale auto`, the default), `--scale fraction|percent` forces one reading.
 `--paper_rows` adds the paper's reported Llama-2-7b-chat row (a reference, not comparable with small
 demo models).
+
+Compute: once some run's model directory (`model_path`) holds a `pkt_budget.json` (pkt/budget.py), the
+table adds what each method used (teacher / student forward and backward tokens, optimizer steps, examples;
+"-" for runs without one).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+from pkt.budget import BUDGET_HEADERS, budget_cells, read_budget
 from pkt.io import atomic_path, fail, run_cli, write_text
 
 # (column title, task, key, is a percentage)
@@ -74,16 +79,19 @@ def load_run(d: Path, scale: str = "auto") -> dict:
         if v is not None and pct and (scale == "fraction" or (scale == "auto" and v <= 1.0)):
             v *= 100.0
         row[title] = v
+    row["budget"] = read_budget(summary.get("model_path"))     # <model_path>/pkt_budget.json, or None
     return row
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    cols = [m[0] for m in METRICS]
-    head = "| model | " + " | ".join(f"{c} (%)" if p else f"{c} (lower is better)" for c, _, _, p in METRICS) + " |"
+    budgets = any(row.get("budget") for row in rows.values())    # compute columns once some run has them
+    cols = [m[0] for m in METRICS] + (list(BUDGET_HEADERS) if budgets else [])
+    head = "| model | " + " | ".join([f"{c} (%)" if p else f"{c} (lower is better)" for c, _, _, p in METRICS]
+                                     + cols[len(METRICS):]) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for name, row in rows.items():
         cells = [("-" if row.get(c) is None else f"{row[c]:.2f}" if p else f"{row[c]:.3f}")
-                 for c, _, _, p in METRICS]
+                 for c, _, _, p in METRICS] + (budget_cells(row.get("budget")) if budgets else [])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
