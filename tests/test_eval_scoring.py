@@ -225,8 +225,17 @@ def test_mbpp_plain_program_continues_the_signature():
     assert mbpp.score(items[:10], [[""]] * 10, cfg)[1]["pass@1"] == 0.0
 
 
-def test_mbpp_slow_reference_passes_within_its_10_s():
-    p = [p for p in mbpp.load(DATA) if p["task_id"] == 123][0]     # ~3 s: timed out at the old 3 s
+def test_mbpp_programs_get_10_s():
+    p = mbpp.load(DATA)[0]
+    slow = "import time\ntime.sleep(4)\n" + p["code"]       # past HumanEval's 3 s, within MBPP's 10 s
+    cfg = ScoreConfig(task="mbpp", predictions="-")
+    assert mbpp.score([mbpp.item(p)], [[slow]], cfg)[1]["pass@1"] == 1.0
+    assert humaneval.TIMEOUT == 3.0 and mbpp.TIMEOUT == 10.0
+
+
+@pytest.mark.slow
+def test_mbpp_slowest_reference_passes_within_its_10_s():
+    p = [p for p in mbpp.load(DATA) if p["task_id"] == 123][0]     # ~3 s alone: timed out at the old 3 s
     _, m = mbpp.score([mbpp.item(p)], [[p["code"]]], ScoreConfig(task="mbpp", predictions="-"))
     assert m["pass@1"] == 1.0
 
