@@ -98,6 +98,14 @@ def test_cli_bad_flag_exits_2_before_loading_and_writes_nothing(tmp_path):
         evaluate(EvalConfig(model_path=str(tmp_path / "nope"), tasks="gsm", output_dir=str(tmp_path / "o")))
 
 
+def test_sandbox_require_without_bwrap_is_refused_before_loading(student_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))                       # no bwrap to be found
+    cfg = EvalConfig(model_path=student_dir, tasks="gsm,mbpp", sandbox="require", output_dir=str(tmp_path / "o"))
+    with pytest.raises(PKTError, match="--sandbox require"):
+        evaluate(cfg)
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_dir_is_refused_when_it_holds_results(student_dir, chat_jsonl, tmp_path):
     data = chat_jsonl("out.jsonl", n=2)
     cfg = dict(model_path=student_dir, tasks="nll", nll_data=data, output_dir=str(tmp_path / "o"))

@@ -5,28 +5,14 @@ An item of a code task is `{"task_id", "prompt", "head", "tail"}`: `head` is the
 continues (HumanEval: the prompt; MBPP plain format: the signature), `tail` the tests that follow it."""
 from __future__ import annotations
 
-import inspect
-
 from pkt.eval.passk import pass_at_k
 from pkt.eval.sandbox import run_programs
-from pkt.io import fail
 
 KS = (1, 10)
-SANDBOX_MODES = ("auto", "require", "off")
 
 
 def program(item: dict, completion: str) -> str:
     return item["head"] + completion + "\n" + item["tail"]
-
-
-def execute(programs: list[str], timeout: float, sandbox: str = "auto", desc: str = "executing") -> list[dict]:
-    """`run_programs` with the `--sandbox` isolation mode."""
-    if "isolation" in inspect.signature(run_programs).parameters:
-        return run_programs(programs, timeout=timeout, desc=desc, isolation=sandbox)
-    # this sandbox predates isolation modes (the bubblewrap one takes `isolation`): it has its guards only
-    if sandbox == "require":
-        fail("--sandbox require: this sandbox has no isolation boundary; use --sandbox auto or off")
-    return run_programs(programs, timeout=timeout, desc=desc)
 
 
 def generate(items: list[dict], backend, cfg, name: str, stop: list[str], top_p: float) -> list[list[str]]:
@@ -40,7 +26,8 @@ def score(items: list[dict], outputs: list[list[str]], timeout: float, sandbox: 
     """Execute every completion -> (one record per sample, metrics). pass@k is the unbiased estimator per
     problem averaged over problems, reported for each k in KS that every problem has samples for."""
     samples = [(it, c) for it, outs in zip(items, outputs) for c in outs]
-    results = execute([program(it, c) for it, c in samples], timeout, sandbox, desc=f"{name} exec")
+    results = run_programs([program(it, c) for it, c in samples], timeout=timeout, desc=f"{name} exec",
+                           isolation=sandbox)
     per_task: dict = {}
     records = []
     for (it, c), r in zip(samples, results):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pkt.eval import gsm, humaneval, mbpp, mmlu, nll
-from pkt.eval.code import SANDBOX_MODES
+from pkt.eval.sandbox import ISOLATION_MODES, resolve_isolation
 from pkt.io import (atomic_dir, check_model_path, check_output, fail, int_flag, number_flag, parse_list,
                     resolve_dtype, write_json, write_jsonl, write_text)
 
@@ -44,7 +44,7 @@ class _Shared:
     def _check_shared(self) -> None:
         if self.timeout is not None:
             number_flag(self.timeout, "--timeout", low=0.0, strict=True)
-        _choice(self.sandbox, "--sandbox", SANDBOX_MODES)
+        _choice(self.sandbox, "--sandbox", ISOLATION_MODES)
 
     @property
     def data_root(self) -> Path:
@@ -162,7 +162,8 @@ def _check_device(device: str) -> None:
 
 
 def check_inputs(cfg: EvalConfig) -> None:
-    """Paths, before anything loads: the model, the adapter, the data, and an output that replaces nothing."""
+    """Before anything loads: the model, the adapter, the data, an output that replaces nothing, and the
+    isolation `--sandbox require` asks for."""
     check_model_path(cfg.model_path, "--model_path")
     if cfg.adapter_path and not (Path(cfg.adapter_path) / "adapter_config.json").exists():
         fail(f"--adapter_path {cfg.adapter_path}: no adapter_config.json there")
@@ -172,6 +173,8 @@ def check_inputs(cfg: EvalConfig) -> None:
     if "nll" in cfg.task_list:
         inputs.update({f"--nll_data {name}": path for name, path in nll.parse_nll_data(cfg.nll_data)})
     check_output(cfg.output_dir, "--output_dir", cfg.overwrite, inputs)
+    if cfg.sandbox == "require" and {"humaneval", "mbpp"} & set(cfg.task_list):
+        resolve_isolation("require")          # no bwrap: refused now, not after generating
 
 
 def headline(task: str, metrics: dict) -> str:
