@@ -1,7 +1,7 @@
 """One comparison table (markdown) and one bar chart for all methods' evaluation results.
 
     python compare.py --runs student=out/eval/student,laten=out/eval/laten,teacher=out/eval/teacher \
-        --out figures/demo_results.md --png figures/demo_scores.png [--paper_rows]
+        --out figures/demo_results.md --png figures/demo_scores.png [--paper_rows True] [--overwrite True]
 
 Each run directory holds the `summary.json` written by evaluate.py:
   {"model_path": ..., "tasks": {"gsm": {"accuracy": ..}, "mmlu": {"accuracy": ..},
@@ -14,15 +14,20 @@ demo models).
 Compute: once some run's model directory (`model_path`) holds a `pkt_budget.json` (pkt/budget.py), the
 table adds what each method used (teacher / student forward and backward tokens, optimizer steps, examples;
 "-" for runs without one).
+
+Runs evaluated under different protocols (the preset and the settings evaluate.py records per task:
+shots, chat format, samples, temperature, limits, ...) are refused in one table unless
+`--mixed_protocols True`; then each run's protocol is listed under the table.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from pkt.budget import BUDGET_HEADERS, budget_cells, read_budget
-from pkt.io import atomic_path, fail, run_cli, write_text
+from pkt.io import atomic_path, check_output, fail, run_cli, write_text
 
 # (column title, task, key, is a percentage)
 METRICS = [("MMLU", "mmlu", "accuracy", True), ("GSM8K", "gsm", "accuracy", True),
@@ -61,8 +66,8 @@ def _metric(tasks: dict, task: str, key: str):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def load_run(d: Path, scale: str = "auto") -> dict:
-    """{column title: value} from `d/summary.json`; percentages in 0..100."""
+def read_summary(d: Path) -> dict:
+    """`d/summary.json` (or the file `d`) as written by evaluate.py."""
     p = d / "summary.json" if d.is_dir() or not d.suffix else d
     if not p.is_file():
         fail(f"--runs: {p} not found (run evaluate.py with --output_dir {d})")
@@ -70,9 +75,15 @@ def load_run(d: Path, scale: str = "auto") -> dict:
         summary = json.loads(p.read_text())
     except ValueError as e:
         fail(f"{p}: not JSON ({e})")
-    tasks = summary.get("tasks") if isinstance(summary, dict) else None
-    if not isinstance(tasks, dict):
+    if not isinstance(summary, dict) or not isinstance(summary.get("tasks"), dict):
         fail(f"{p}: no 'tasks' object")
+    return summary
+
+
+def load_run(d: Path, scale: str = "auto", summary: dict | None = None) -> dict:
+    """{column title: value} from `d/summary.json`; percentages in 0..100."""
+    summary = summary or read_summary(d)
+    tasks = summary["tasks"]
     row = {}
     for title, task, key, pct in METRICS:
         v = _metric(tasks, task, key)
@@ -81,6 +92,41 @@ def load_run(d: Path, scale: str = "auto") -> dict:
         row[title] = v
     row["budget"] = read_budget(summary.get("model_path"))     # <model_path>/pkt_budget.json, or None
     return row
+
+
+def protocol_of(summary: dict, task: str) -> dict:
+    """What a task's number depends on besides the model: the preset and the recorded settings
+    ({} for summaries written before evaluate.py recorded them)."""
+    m = summary["tasks"].get(task)
+    if not isinstance(m, dict) or "protocol" not in m:
+        return {}
+    return {"protocol": m["protocol"], **(m.get("settings") or {})}
+
+
+def protocol_differences(summaries: dict[str, dict]) -> list[str]:
+    """One line per task whose protocol differs between runs: `gsm: a and b differ in shots (8 vs 0)`."""
+    out = []
+    for _, task, _, _ in METRICS:
+        seen = [(name, protocol_of(s, task)) for name, s in summaries.items() if task in s["tasks"]]
+        for name, proto in seen[1:]:
+            first, ref = seen[0]
+            if proto != ref:
+                keys = sorted(set(proto) | set(ref), key=str)
+                k = next(k for k in keys if proto.get(k) != ref.get(k))
+                out.append(f"{task}: {first} and {name} differ in {k} ({ref.get(k, 'not recorded')} vs "
+                           f"{proto.get(k, 'not recorded')})")
+                break
+    return out
+
+
+def protocol_notes(summaries: dict[str, dict]) -> str:
+    """Under a mixed table: each run's protocol per task."""
+    lines = ["", "Protocols differ between runs:"]
+    for name, s in summaries.items():
+        parts = [f"{t}: " + (", ".join(f"{k}={v}" for k, v in protocol_of(s, t).items()) or "not recorded")
+                 for _, t, _, _ in METRICS if t in s["tasks"]]
+        lines.append(f"- {name}: " + "; ".join(parts))
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -132,28 +178,52 @@ def plot_scores(rows: dict[str, dict], out) -> str:
     return str(out)
 
 
-def compare(runs, out="figures/demo_results.md", png="figures/demo_scores.png", paper_rows=False, scale="auto"):
-    if scale not in ("auto", "fraction", "percent"):
-        fail(f"--scale {scale!r}: expected auto, fraction or percent")
-    rows = {name: load_run(d, scale) for name, d in parse_runs(runs)}
-    if paper_rows:
+@dataclass
+class CompareConfig:
+    """--runs name1=dir1,name2=dir2 (or a list '[name1=dir1,name2=dir2]') [--out md] [--png png]
+    [--paper_rows True] [--scale auto|fraction|percent] [--mixed_protocols True] [--overwrite True]
+    (--out '' / --png '' skip that file; existing files are replaced only with --overwrite True)."""
+    runs: str | None = None
+    out: str = "figures/demo_results.md"
+    png: str = "figures/demo_scores.png"
+    paper_rows: bool = False
+    scale: str = "auto"
+    mixed_protocols: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.scale not in ("auto", "fraction", "percent"):
+            fail(f"--scale {self.scale!r}: expected auto, fraction or percent")
+
+
+def compare(runs, out="figures/demo_results.md", png="figures/demo_scores.png", paper_rows=False, scale="auto",
+            mixed_protocols=False, overwrite=False) -> str:
+    """The markdown table (written to `out` and the bar chart to `png` when given)."""
+    cfg = CompareConfig(runs, out, png, paper_rows, scale, mixed_protocols, overwrite)
+    named = parse_runs(cfg.runs)
+    for flag, path in (("--out", cfg.out), ("--png", cfg.png)):
+        if path:
+            check_output(path, flag, cfg.overwrite, {f"--runs {name}": d for name, d in named})
+    summaries = {name: read_summary(d) for name, d in named}
+    diffs = protocol_differences(summaries)
+    if diffs and not cfg.mixed_protocols:
+        fail(f"--runs: different protocols in one table ({diffs[0]}); pass --mixed_protocols True to show them together")
+    rows = {name: load_run(d, cfg.scale, summaries[name]) for name, d in named}
+    if cfg.paper_rows:
         rows.update({k: dict(v) for k, v in PAPER_ROWS.items()})
-    table = markdown_table(rows)
-    if out:
-        write_text(out, table)
-    if png:
-        plot_scores(rows, png)
+    table = markdown_table(rows) + (protocol_notes(summaries) if diffs else "")
+    if cfg.out:
+        write_text(cfg.out, table)
+    if cfg.png:
+        plot_scores(rows, cfg.png)
     return table
 
 
-def main(runs=None, out: str = "figures/demo_results.md", png: str = "figures/demo_scores.png",
-         paper_rows: bool = False, scale: str = "auto"):
-    """--runs name1=dir1,name2=dir2 (or a list '[name1=dir1,name2=dir2]') [--out md] [--png png] [--paper_rows]
-    (--out '' / --png '' skip that file)."""
-    table = compare(runs, out, png, paper_rows, scale)
-    print(table, end="")
-    return None
+def main(cfg: CompareConfig | None = None, **flags) -> None:
+    """Print the table (and write --out/--png). Callable as main(cfg) or main(runs=..., out=..., ...)."""
+    cfg = cfg or CompareConfig(**flags)
+    print(compare(**vars(cfg)), end="")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, CompareConfig)

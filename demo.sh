@@ -86,14 +86,14 @@ RUNS=""
 for pair in "student=$STUDENT" "laten=$LATEN_MODEL" "postpkt=$OUT/postpkt/merged" "semalign=$OUT/semalign" \
             "teacher=$TEACHER"; do
   name=${pair%%=*}; model=${pair#*=}
-  python evaluate.py --model_path "$model" --tasks nll,mmlu,gsm \
+  python evaluate.py --model_path "$model" --tasks nll,mmlu,gsm --mmlu_shots 0 \
     --nll_data "gsm=$OUT/heldout_$TASK.jsonl,mbpp=$OUT/heldout_mbpp.jsonl" $EVAL_FLAGS \
     --batch_size 8 --output_dir "$OUT/eval/$name"
   RUNS="$RUNS${RUNS:+,}$name=$OUT/eval/$name"
 done
 
 echo "== 7/7 table and figures"
-python compare.py --runs "$RUNS" --out "$FIGURES/demo_results.md" --png "$FIGURES/demo_scores.png"
+python compare.py --runs "$RUNS" --out "$FIGURES/demo_results.md" --png "$FIGURES/demo_scores.png" --overwrite True
 python analysis/plot_training.py --log "$OUT/knowledge_translator/demo/train_log.jsonl" --out_dir "$FIGURES"
 python analysis/plot_neurons.py --transfer_json "$LATEN_MODEL/laten_transfer.json" --out "$FIGURES/laten_neurons.png"
 python analysis/similarity.py --teacher "$TEACHER" --student "$STUDENT" --data data/$TASK/${TASK}_extract_split.jsonl \

@@ -103,10 +103,10 @@ def main(device: str = "cpu", model_path=None, tokenizer_path=None, limit: int =
         for k in shots:
             prompts = [gsm.build_prompt(ex["question"], exemplars[:k]) for ex in test[:limit]]
             plen = sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts)
-            generate_vllm(llm, prompts[:1], max_new_tokens=4)
+            generate_vllm(llm, tok, prompts[:1], max_new_tokens=4)
             t = time.perf_counter()
             stats = {}
-            generate_vllm(llm, prompts, max_new_tokens=max_new_tokens, stats=stats)
+            generate_vllm(llm, tok, prompts, max_new_tokens=max_new_tokens, stats=stats)
             s = time.perf_counter() - t
             n = stats["new_tokens"]
             rows.append((k, plen, "vLLM", s, n, n / s, (n / s) / base[k]))

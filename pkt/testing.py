@@ -32,6 +32,33 @@ def make_tokenizer(vocab_size: int = 300, corpus: list[str] = CORPUS):
                                    pad_token="</s>")
 
 
+def make_llama_tokenizer(vocab_size: int = 400, corpus: list[str] = CORPUS):
+    """A Llama-2-style tokenizer with no download: transformers' `LlamaTokenizer` (Metaspace pre-tokenizer,
+    BPE with byte fallback, a decoder that strips one leading space) over merges trained on `corpus`.
+    As in Llama-2's vocabulary, `<unk> <s> </s>` are ids 0-2, the 256 byte tokens `<0x00>..<0xFF>` follow,
+    and characters outside the trained pieces (the newline always) are spelled as bytes: `\n` -> `<0x0A>`.
+    No pad token (Llama-2 has none; `pkt.io.load_tokenizer` pads with EOS). `vocab_size` counts everything; the
+    vocabulary is smaller when the corpus has fewer merges to learn, larger when its alphabet needs more."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"]
+    n_fixed = len(specials) + 256
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - n_fixed, 1), show_progress=False)
+    lines = [line for text in corpus for line in text.split("\n") if line]   # no newline piece is learnt
+    bpe.train_from_iterator(lines * 4, trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    return LlamaTokenizer(vocab=vocab, merges=merges)
+
+
 def make_llama(hidden=64, ffn=160, layers=3, heads=4, kv_heads=None, vocab=300, seed=0, std=0.05):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,8 +1,16 @@
-"""Shared generation and scoring for the evaluation tasks: batched HF generation (left-padded,
-prompts sorted by length, greedy or sampled, stop strings), optional vLLM, next-token logits."""
+"""The model side of the evaluation: batched HF generation (left-padded, prompts sorted by length, greedy or
+sampled, stop strings, a shared-prefix KV cache), optional vLLM, next-token logits, and `Backend`, the one
+object every task generates and scores through.
+
+Completions are decoded as Open-Instruct decodes them (`eval/utils.py:generate_completions`): the prompt and
+the new tokens together, minus the decoded prompt. Decoding the new tokens alone loses characters with
+SentencePiece-style tokenizers (Llama-2, Mistral: their decoder strips one leading space, so a completion
+that starts with a 4-space indent comes back with 3 and the program does not compile)."""
 from __future__ import annotations
 
+import copy
 import inspect
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -19,18 +27,30 @@ def truncate_at_stop(text: str, stop: list[str] | None) -> str:
     return text[:cut]
 
 
+def continuations(tokenizer, prompt_rows: list[list[int]], new_rows: list[list[int]]) -> list[str]:
+    """The text each row's new tokens add to its prompt: `decode(prompt + new)[len(decode(prompt)):]`
+    (special tokens skipped). New tokens after the first EOS are dropped (what pads a finished row)."""
+    eos = tokenizer.eos_token_id
+    new_rows = [r[:r.index(eos)] if eos is not None and eos in r else r for r in new_rows]
+    full = tokenizer.batch_decode([p + n for p, n in zip(prompt_rows, new_rows)], skip_special_tokens=True)
+    head = tokenizer.batch_decode(prompt_rows, skip_special_tokens=True)
+    return [f[len(h):] for f, h in zip(full, head)]
+
+
 class StopOnStrings(StoppingCriteria):
-    """Per-row stop: a row is done once the decoded tail of its *generated* tokens holds a stop string.
-    Only the last few tokens are decoded each step (enough to cover the longest stop string)."""
+    """Per-row stop: a row is done once the text of its last few generated tokens holds a stop string.
+    The window is decoded with the token before it and that token's text cut off again (the same rule as
+    `continuations`), so a Llama tokenizer does not drop the window's first space."""
 
     def __init__(self, tokenizer, stop: list[str], prompt_len: int):
         self.tokenizer, self.stop, self.prompt_len = tokenizer, list(stop), prompt_len
         self.tail = max(len(s) for s in self.stop) + 4  # tokens hold >= 1 char, plus slack
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        gen = input_ids[:, self.prompt_len:]  # [batch, new]
-        tails = self.tokenizer.batch_decode(gen[:, -self.tail:], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stop) for t in tails], dtype=torch.bool,
+        start = max(self.prompt_len, input_ids.shape[1] - self.tail)
+        rows = input_ids[:, start - 1:].tolist()          # [batch, 1 + window]; start - 1 is a real token
+        texts = continuations(self.tokenizer, [r[:1] for r in rows], [r[1:] for r in rows])
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], dtype=torch.bool,
                             device=input_ids.device)
 
 
@@ -95,14 +115,11 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int = 512,
     left-padded batches of `batch_size` sequences. With `prefix_cache`, a token prefix that every
     prompt shares (few-shot exemplars, >= MIN_SHARED_PREFIX tokens) is prefilled once and its KV cache
     reused by every batch."""
-    import copy
-
     tokenizer.padding_side = "left"
     seqs = [i for i in range(len(prompts)) for _ in range(n)]  # sequence -> prompt index
     rows = tokenizer([prompts[i] for i in seqs], add_special_tokens=True)["input_ids"]
     order = _longest_first(rows)
-    out: list[list[str]] = [[] for _ in prompts]
-    texts = [None] * len(seqs)
+    texts = [""] * len(seqs)
     device = next(model.parameters()).device
     sample = temperature > 0
     kw = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -128,8 +145,10 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int = 512,
         gen = model.generate(**enc, stopping_criteria=crit, **kw)  # [b, plen + new]
         if stats is not None:
             stats["new_tokens"] = stats.get("new_tokens", 0) + int((gen[:, plen:] != tokenizer.pad_token_id).sum())
-        for i, t in zip(idx, tokenizer.batch_decode(gen[:, plen:], skip_special_tokens=True)):
+        done = continuations(tokenizer, [rows[i] for i in idx], gen[:, plen:].tolist())
+        for i, t in zip(idx, done):
             texts[i] = truncate_at_stop(t, stop)
+    out: list[list[str]] = [[] for _ in prompts]
     for i, t in zip(seqs, texts):
         out[i].append(t)
     return out
@@ -153,10 +172,12 @@ def load_vllm(model_path: str, seed: int = 42, dtype: str = "bfloat16", **kwargs
     return vllm.LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, **kwargs)
 
 
-def generate_vllm(llm, prompts: list[str], max_new_tokens: int = 512, stop: list[str] | None = None,
+def generate_vllm(llm, tokenizer, prompts: list[str], max_new_tokens: int = 512, stop: list[str] | None = None,
                   n: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 42,
                   stats: dict | None = None) -> list[list[str]]:
-    """Same contract as generate_hf, through vLLM (which drops the stop string itself)."""
+    """Same contract as generate_hf, through vLLM. The text is rebuilt from the prompt and generated token
+    ids with `continuations` (the HF path's rule, whatever vLLM's incremental detokenizer does with a
+    first space), then cut at the first stop string (vLLM stops there; its last token may run past it)."""
     import vllm
 
     params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
@@ -164,22 +185,12 @@ def generate_vllm(llm, prompts: list[str], max_new_tokens: int = 512, stop: list
     outs = llm.generate(prompts, params)
     if stats is not None:
         stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(o.token_ids) for r in outs for o in r.outputs)
-    return [[truncate_at_stop(o.text, stop) for o in r.outputs] for r in outs]
-
-
-class Generator:
-    """One generation entry point for the tasks, whatever the backend. Holds the loaded model(s)."""
-
-    def __init__(self, model=None, tokenizer=None, llm=None, batch_size: int = 8, seed: int = 42):
-        self.model, self.tokenizer, self.llm = model, tokenizer, llm
-        self.batch_size, self.seed = batch_size, seed
-
-    def __call__(self, prompts: list[str], max_new_tokens: int = 512, stop=None, n: int = 1,
-                 temperature: float = 0.0, top_p: float = 1.0, desc: str = "generating") -> list[list[str]]:
-        if self.llm is not None:
-            return generate_vllm(self.llm, prompts, max_new_tokens, stop, n, temperature, top_p, self.seed)
-        return generate_hf(self.model, self.tokenizer, prompts, max_new_tokens, self.batch_size, stop, n,
-                           temperature, top_p, desc)
+    result = []
+    for r in outs:
+        texts = continuations(tokenizer, [list(r.prompt_token_ids)] * len(r.outputs),
+                              [list(o.token_ids) for o in r.outputs])
+        result.append([truncate_at_stop(t, stop) for t in texts])
+    return result
 
 
 @torch.no_grad()
@@ -198,3 +209,62 @@ def next_token_logits(model, tokenizer, prompts: list[str], candidate_ids: list[
         logits = model(**enc).logits[:, -1, :]  # [b, vocab]; left padding puts every prompt's end last
         out[idx] = logits.index_select(-1, cand).float().cpu()
     return out
+
+
+class Backend:
+    """The loaded model(s) behind every task: `generate` through vLLM when loaded, else HF; logits and
+    likelihoods always from the HF model (`model`), loaded only when a task needs it or HF generates."""
+
+    def __init__(self, tokenizer, model=None, llm=None, batch_size: int = 8, seed: int = 42):
+        self.tokenizer, self.model, self.llm = tokenizer, model, llm
+        self.batch_size, self.seed = batch_size, seed
+
+    @property
+    def name(self) -> str:
+        return "vllm" if self.llm is not None else "hf"
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 512, stop=None, n: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, desc: str = "generating") -> list[list[str]]:
+        """`[len(prompts)][n]` completions. Greedy n > 1 generates once and repeats it."""
+        if temperature == 0 and n > 1:
+            return [o * n for o in self.generate(prompts, max_new_tokens, stop, 1, 0.0, top_p, desc)]
+        if self.llm is not None:
+            return generate_vllm(self.llm, self.tokenizer, prompts, max_new_tokens, stop, n, temperature, top_p,
+                                 self.seed)
+        return generate_hf(self.model, self.tokenizer, prompts, max_new_tokens, self.batch_size, stop, n,
+                           temperature, top_p, desc)
+
+    def next_token_logits(self, prompts: list[str], candidate_ids: list[int], desc: str = "scoring") -> torch.Tensor:
+        return next_token_logits(self.model, self.tokenizer, prompts, candidate_ids, self.batch_size, desc)
+
+
+def load_eval_tokenizer(model_path: str, adapter_path: str | None = None):
+    """The adapter's tokenizer when it saved one, else the model's (pad = EOS when it has none)."""
+    from pkt.io import load_tokenizer
+
+    own = adapter_path and (Path(adapter_path) / "tokenizer_config.json").exists()
+    return load_tokenizer(adapter_path if own else model_path)
+
+
+def load_backend(tokenizer, model_path: str, adapter_path: str | None = None, backend: str = "hf",
+                 needs_hf: bool = True, dtype="auto", device=None, batch_size: int = 8, seed: int = 42) -> Backend:
+    """vLLM when asked for and usable (CUDA, no adapter), and the HF model (with the PEFT adapter on top)
+    when HF generates or `needs_hf` (logits, likelihoods)."""
+    from pkt.io import load_model
+
+    llm = None
+    if backend == "vllm":
+        if adapter_path:
+            print("note: --backend vllm with --adapter_path is not supported; using the HF backend")
+        elif not vllm_available():
+            print("note: vLLM not importable or no CUDA device; using the HF backend")
+        else:
+            llm = load_vllm(model_path, seed=seed)
+    model = None
+    if llm is None or needs_hf:
+        model = load_model(model_path, dtype=dtype, device=device, flag="--model_path")
+        if adapter_path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter_path).eval()
+    return Backend(tokenizer, model, llm, batch_size=batch_size, seed=seed)

@@ -1,14 +1,18 @@
-"""GSM8K: 8-shot chain of thought, greedy, answer = last number of the output (Open-Instruct)."""
+"""GSM8K (test, 1,319) as Open-Instruct's `eval/gsm/run_eval.py`: 8-shot chain of thought (or 0-shot),
+greedy, stop at the first newline (plain format), answer = the last number of the output."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from pkt.data import chat_turn, load_jsonl
-from pkt.io import fail
+from pkt.data import load_jsonl
+from pkt.eval.common import field_problem, index_problem, select, tulu_chat
 
-INSTRUCTION = "Answer the following questions."
-STOP = ["\n\n"]
+NAME = "gsm"
+HEADLINE = "accuracy"
+NEEDS_HF = False
+SHOTS = (0, 8)
+STOP = ["\n"]   # plain format only; in chat format the model ends its turn (open-instruct)
 
 
 def load(data_dir) -> tuple[list[dict], list[dict]]:
@@ -19,13 +23,17 @@ def load(data_dir) -> tuple[list[dict], list[dict]]:
 
 
 def build_prompt(question: str, exemplars: list[dict], use_chat_format: bool = False) -> str:
-    """Instruction, exemplars `Question: ..\\nAnswer: <cot>` separated by blank lines, then the question.
-    Chat format: all of it is the user turn and the assistant turn starts with "Answer:"."""
-    shots = "\n\n".join(f"Question: {e['question'].strip()}\nAnswer: {e['cot_answer'].strip()}" for e in exemplars)
-    body = f"{INSTRUCTION}\n\n" + (shots + "\n\n" if shots else "") + f"Question: {question.strip()}"
-    if use_chat_format:
-        return chat_turn("user", body) + "<|assistant|>\nAnswer:"
-    return body + "\nAnswer:"
+    """`Answer the following questions.` + exemplars `Question: q\\nAnswer: cot` joined by blank lines (or,
+    0-shot, `Answer the following question.`), then `Question: <question stripped>` and `\\nAnswer:`;
+    chat format: all but the answer cue is the user turn, the assistant turn starts with `Answer:`.
+    The exemplars are used as they are (open-instruct strips only the test question)."""
+    if exemplars:
+        prefix = "Answer the following questions.\n\n" + "\n\n".join(
+            "Question: " + e["question"] + "\n" + "Answer: " + e["cot_answer"] for e in exemplars) + "\n\n"
+    else:
+        prefix = "Answer the following question.\n\n"
+    body = prefix + "Question: " + question.strip()
+    return tulu_chat(body, "Answer:") if use_chat_format else body + "\nAnswer:"
 
 
 def normalize(text: str) -> str:
@@ -34,7 +42,8 @@ def normalize(text: str) -> str:
 
 
 def extract_answer(output: str) -> str:
-    """Last number in the output (after removing thousands separators); '' when there is none."""
+    """Last number in the output (after removing thousands separators), with its sign; '' when there is
+    none. Open-instruct's pattern `[-+]?\\d*\\.\\d+|\\d+` drops the sign of integers ("-3" -> "3")."""
     nums = re.findall(r"[-+]?\d*\.\d+|[-+]?\d+", normalize(output))
     return nums[-1] if nums else ""
 
@@ -48,37 +57,38 @@ def is_correct(pred: str, gold: str) -> bool:
     return pred != "" and pred.lstrip("+") == gold.lstrip("+")
 
 
-def metrics(correct: list[bool]) -> dict:
-    return {"accuracy": sum(correct) / max(len(correct), 1), "n": len(correct)}
+def settings(cfg) -> dict:
+    return {"shots": cfg.gsm_shots, "use_chat_format": cfg.use_chat_format, "decoding": "greedy",
+            "max_new_tokens": cfg.max_new_tokens, "stop": None if cfg.use_chat_format else STOP,
+            "limit": cfg.limit_for(NAME), "limit_mode": cfg.limit_mode}
 
 
-def run(gen, data_dir, limit=None, use_chat_format=False, max_new_tokens=512) -> tuple[list[dict], dict]:
-    """Generate and score -> (prediction records, metrics)."""
-    test, exemplars = load(data_dir)
-    test = test[:limit] if limit else test
-    prompts = [build_prompt(ex["question"], exemplars, use_chat_format) for ex in test]
-    outs = gen(prompts, max_new_tokens=max_new_tokens, stop=None if use_chat_format else STOP, desc="gsm")
-    preds = []
-    for i, (ex, p, o) in enumerate(zip(test, prompts, outs)):
-        pred, gold = extract_answer(o[0]), gold_answer(ex["answer"])
-        preds.append({"id": i, "prompt": p, "output": o[0], "prediction": pred, "gold": gold,
-                      "correct": is_correct(pred, gold)})
-    return preds, metrics([r["correct"] for r in preds])
+def build(cfg, tokenizer=None) -> list[dict]:
+    test, exemplars = load(cfg.data_root)
+    shots = exemplars[:cfg.gsm_shots]
+    chosen = select(list(enumerate(test)), cfg.limit_for(NAME), cfg.limit_mode, cfg.seed)
+    return [{"id": i, "gold": gold_answer(ex["answer"]), "prompt": build_prompt(ex["question"], shots, cfg.use_chat_format)}
+            for i, ex in chosen]
 
 
-def score(records: list[dict], data_dir, path="predictions") -> dict:
-    """Score-only: records `{id: index in test.jsonl, output: model text}` (the last number is taken)."""
-    test, _ = load(data_dir)
-    correct = []
-    for n, rec in enumerate(records, 1):
-        i = rec.get("id")
-        try:
-            i = int(i)
-        except (TypeError, ValueError):
-            fail(f"{path}:{n}: field 'id' must be an index into gsm/test.jsonl (0..{len(test) - 1})")
-        if not 0 <= i < len(test):
-            fail(f"{path}:{n}: field 'id' {i} out of range 0..{len(test) - 1}")
-        if not isinstance(rec.get("output"), str):
-            fail(f"{path}:{n}: missing string field 'output'")
-        correct.append(is_correct(extract_answer(rec["output"]), gold_answer(test[i]["answer"])))
-    return metrics(correct)
+def generate(items: list[dict], backend, cfg) -> list[str]:
+    outs = backend.generate([it["prompt"] for it in items], max_new_tokens=cfg.max_new_tokens,
+                            stop=None if cfg.use_chat_format else STOP, desc=NAME)
+    return [o[0] for o in outs]
+
+
+def score(items: list[dict], outputs: list[str], cfg=None) -> tuple[list[dict], dict]:
+    records = []
+    for it, out in zip(items, outputs):
+        pred = extract_answer(out)
+        records.append({"id": it["id"], "prompt": it.get("prompt"), "output": out, "prediction": pred,
+                        "gold": it["gold"], "correct": is_correct(pred, it["gold"])})
+    correct = [r["correct"] for r in records]
+    return records, {"accuracy": sum(correct) / max(len(correct), 1), "n": len(correct)}
+
+
+def read(path: str, cfg) -> tuple[list[dict], list[str]]:
+    """Score-only records `{id: index in gsm/test.jsonl, output: model text}`."""
+    test, _ = load(cfg.data_root)
+    recs = load_jsonl(path, check=lambda r: index_problem(r, len(test), "gsm/test.jsonl") or field_problem(r, "output"))
+    return [{"id": r["id"], "gold": gold_answer(test[r["id"]]["answer"])} for r in recs], [r["output"] for r in recs]

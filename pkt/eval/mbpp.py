@@ -1,75 +1,87 @@
-"""MBPP (test, task_id 11-510): evalplus-style prompt with the first assertion, greedy pass@1."""
+"""MBPP (the original test split, task_id 11-510) with Open-Instruct's `eval/mbpp/run_eval.py` protocol: the
+task text followed by the reference solution's signature, n = 20 samples at temperature 0.1 (top_p 1),
+stop at a code fence, unbiased pass@1, 10 s per program."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from pkt.data import chat_turn, load_jsonl
-from pkt.eval.sandbox import run_programs
-from pkt.io import fail
+from pkt.data import load_jsonl
+from pkt.eval import code
+from pkt.eval.common import field_problem, select, tulu_chat
 
-# top-level statements after the function end a completion (the tests are ours to append)
-STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
+NAME = "mbpp"
+HEADLINE = "pass@1"
+NEEDS_HF = False
+STOP = ["```"]
 INSTRUCTION = "Complete the following python function.\n\n\n"
 ANSWER_PREFIX = "Here is the completed function:\n\n\n```python\n"
+TOP_P = 1.0
+TIMEOUT = 10.0
 
 
 def load(data_dir) -> list[dict]:
     return load_jsonl(Path(data_dir) / "mbpp" / "test.jsonl", require=("task_id", "text", "code", "test_list"))
 
 
+def signature(problem: dict) -> str:
+    """The reference solution up to its first colon (`def remove_Occ(s,ch)`), as open-instruct cuts it."""
+    return problem["code"].split(":")[0]
+
+
 def build_prompt(problem: dict, use_chat_format: bool = False) -> str:
-    """A docstring holding the problem text and the first test assertion (evalplus style); the model
-    writes a self-contained function. Chat format: instruction + docstring as the user turn, the
-    assistant turn opens a python code block."""
-    doc = f'"""\n{problem["text"].strip()}\n{problem["test_list"][0].strip()}\n"""\n'
-    if use_chat_format:
-        return chat_turn("user", INSTRUCTION + doc) + "<|assistant|>\n" + ANSWER_PREFIX
-    return doc
+    """`text + signature` (no separator, as open-instruct); chat format: the instruction and that text as the
+    user turn, the assistant turn opening a python code block."""
+    text = problem["text"] + signature(problem)
+    return tulu_chat(INSTRUCTION + text, ANSWER_PREFIX) if use_chat_format else text
 
 
-def program(problem: dict, completion: str) -> str:
-    """Completion, then the setup code (task 367's uses a class the solution defines), then all 3 asserts."""
-    return (completion + "\n" + (problem.get("test_setup_code") or "") + "\n" + "\n".join(problem["test_list"]))
+def item(problem: dict, prompt: str | None = None, head: str = "") -> dict:
+    """Program = head + completion + "\\n" + test_setup_code + "\\n" + the 3 assertions. The setup follows
+    the completion (task 367's builds objects of a class the solution defines)."""
+    return {"task_id": problem["task_id"], "prompt": prompt, "head": head,
+            "tail": (problem.get("test_setup_code") or "") + "\n" + "\n".join(problem["test_list"])}
 
 
-def evaluate(problems: dict, samples: list[tuple[int, str]], timeout=3.0) -> tuple[list, dict, list]:
-    """samples = [(task_id, completion)] -> (passed per sample, metrics, raw results). pass@1 = mean over tasks
-    of the fraction of its samples that pass (one greedy sample per task in the protocol)."""
-    results = run_programs([program(problems[t], c) for t, c in samples], timeout=timeout, desc="mbpp exec")
-    passed = [r["passed"] for r in results]
-    per_task: dict[int, list[bool]] = {}
-    for (t, _), ok in zip(samples, passed):
-        per_task.setdefault(t, []).append(ok)
-    m = {"pass@1": sum(sum(v) / len(v) for v in per_task.values()) / max(len(per_task), 1),
-         "n_tasks": len(per_task), "n_samples": len(samples)}
-    return passed, m, results
+def settings(cfg) -> dict:
+    return {"use_chat_format": cfg.use_chat_format, "n": cfg.n, "temperature": cfg.temperature,
+            "top_p": cfg.top_p if cfg.top_p is not None else TOP_P, "max_new_tokens": cfg.max_new_tokens,
+            "stop": STOP, "timeout": cfg.timeout or TIMEOUT, "limit": cfg.limit_for(NAME),
+            "limit_mode": cfg.limit_mode}
 
 
-def run(gen, data_dir, limit=None, use_chat_format=False, max_new_tokens=512, timeout=3.0):
-    """Greedy completion per problem, executed against its 3 tests -> (prediction records, metrics)."""
-    problems = load(data_dir)
-    problems = problems[:limit] if limit else problems
-    prompts = [build_prompt(p, use_chat_format) for p in problems]
-    outs = gen(prompts, max_new_tokens=max_new_tokens, stop=STOP + (["```"] if use_chat_format else []), desc="mbpp")
-    samples = [(p["task_id"], o[0]) for p, o in zip(problems, outs)]
-    passed, m, results = evaluate({p["task_id"]: p for p in problems}, samples, timeout)
-    preds = [{"task_id": t, "prompt": q, "completion": c, "output": c, "correct": ok, "result": r["result"]}
-             for (t, c), q, ok, r in zip(samples, prompts, passed, results)]
-    return preds, m
+def build(cfg, tokenizer=None) -> list[dict]:
+    """In plain format the completion continues the signature, so the program starts with it (open-instruct
+    runs the completion alone there, which never compiles); in chat format the model writes the function."""
+    problems = select(load(cfg.data_root), cfg.limit_for(NAME), cfg.limit_mode, cfg.seed)
+    return [item(p, build_prompt(p, cfg.use_chat_format), "" if cfg.use_chat_format else signature(p))
+            for p in problems]
 
 
-def score(records: list[dict], data_dir, path="predictions", timeout=3.0) -> dict:
-    """Score-only: records `{task_id (11-510), completion}`."""
-    problems = {p["task_id"]: p for p in load(data_dir)}
-    samples = []
-    for n, rec in enumerate(records, 1):
-        try:
-            t = int(rec.get("task_id"))
-        except (TypeError, ValueError):
-            t = None
-        if t not in problems:
-            fail(f"{path}:{n}: field 'task_id' {rec.get('task_id')!r} is not an MBPP test task (11-510)")
-        if not isinstance(rec.get("completion"), str):
-            fail(f"{path}:{n}: missing string field 'completion'")
-        samples.append((t, rec["completion"]))
-    return evaluate(problems, samples, timeout)[1]
+def generate(items: list[dict], backend, cfg) -> list[list[str]]:
+    return code.generate(items, backend, cfg, NAME, STOP, settings(cfg)["top_p"])
+
+
+def score(items: list[dict], outputs: list[list[str]], cfg) -> tuple[list[dict], dict]:
+    return code.score(items, outputs, cfg.timeout or TIMEOUT, cfg.sandbox, NAME)
+
+
+def read(path: str, cfg) -> tuple[list[dict], list[list[str]]]:
+    """Score-only records `{task_id: 11..510, completion: the whole function}` (as open-instruct's prediction
+    files hold them); several lines per task = samples."""
+    problems = {p["task_id"]: p for p in load(cfg.data_root)}
+
+    def problem(r):
+        if task_number(r.get("task_id")) not in problems:
+            return f"field 'task_id' {r.get('task_id')!r} is not an MBPP test task (11-510)"
+        return field_problem(r, "completion")
+
+    recs = load_jsonl(path, check=problem)
+    return code.group([item(problems[task_number(r["task_id"])]) for r in recs], [r["completion"] for r in recs])
+
+
+def task_number(task_id) -> int | None:
+    """11, "11" or evalplus' "Mbpp/11" -> 11; None for anything else."""
+    if isinstance(task_id, int) and not isinstance(task_id, bool):
+        return task_id
+    s = str(task_id).removeprefix("Mbpp/") if isinstance(task_id, str) else ""
+    return int(s) if s.isdigit() else None

@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pkt.data import collate_left, load_chat_jsonl, tokenize_example
+from pkt.eval.common import select
 from pkt.io import fail
+
+NAME = "nll"
+HEADLINE = "nll"
+NEEDS_HF = True
+CUTOFF_LEN = 768
 
 
 def parse_nll_data(nll_data) -> list[tuple[str, str]]:
@@ -29,7 +35,7 @@ def parse_nll_data(nll_data) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def response_nll(model, tokenizer, records: list[dict], batch_size: int = 8, cutoff_len: int = 768) -> tuple[float, int]:
+def response_nll(model, tokenizer, records: list[dict], batch_size: int = 8, cutoff_len: int = CUTOFF_LEN) -> tuple[float, int]:
     """(sum of response-token NLLs, number of response tokens) with pkt.data's prompt/response split."""
     feats = [tokenize_example(tokenizer, r["messages"], cutoff_len=cutoff_len) for r in records]
     feats.sort(key=lambda f: -len(f["input_ids"]))
@@ -46,14 +52,28 @@ def response_nll(model, tokenizer, records: list[dict], batch_size: int = 8, cut
     return total, count
 
 
-def run(model, tokenizer, nll_data, limit=None, batch_size=8) -> tuple[list[dict], dict]:
-    """Per dataset and pooled (token-weighted) mean response NLL -> (per-dataset records, metrics)."""
-    preds, datasets, tot, cnt = [], {}, 0.0, 0
-    for name, path in parse_nll_data(nll_data):
-        recs = load_chat_jsonl(path)
-        recs = recs[:limit] if limit else recs
-        s, c = response_nll(model, tokenizer, recs, batch_size)
-        datasets[name] = {"nll": s / max(c, 1), "n_tokens": c, "n": len(recs), "path": path}
-        preds.append({"dataset": name, "path": path, **datasets[name]})
-        tot, cnt = tot + s, cnt + c
-    return preds, {"nll": tot / max(cnt, 1), "n_tokens": cnt, "datasets": datasets}
+def settings(cfg) -> dict:
+    return {"cutoff_len": CUTOFF_LEN, "limit": cfg.limit_for(NAME), "limit_mode": cfg.limit_mode}
+
+
+def build(cfg, tokenizer=None) -> list[dict]:
+    """One item per dataset: `{dataset, path, records}` (`limit` records of each file)."""
+    return [{"dataset": name, "path": path,
+             "records": select(load_chat_jsonl(path), cfg.limit_for(NAME), cfg.limit_mode, cfg.seed)}
+            for name, path in parse_nll_data(cfg.nll_data)]
+
+
+def generate(items: list[dict], backend, cfg) -> list[tuple[float, int]]:
+    return [response_nll(backend.model, backend.tokenizer, it["records"], backend.batch_size) for it in items]
+
+
+def score(items: list[dict], outputs: list[tuple[float, int]], cfg=None) -> tuple[list[dict], dict]:
+    """Per dataset and pooled (token-weighted) mean response NLL."""
+    datasets = {it["dataset"]: {"nll": s / max(c, 1), "n_tokens": c, "n": len(it["records"]), "path": it["path"]}
+                for it, (s, c) in zip(items, outputs)}
+    tot, cnt = sum(s for s, _ in outputs), sum(c for _, c in outputs)
+    return ([{"dataset": k, **v} for k, v in datasets.items()],
+            {"nll": tot / max(cnt, 1), "n_tokens": cnt, "datasets": datasets})
+
+
+read = None   # no predictions to score alone
