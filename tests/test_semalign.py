@@ -257,7 +257,7 @@ def _changed(before_dir, after_dir) -> set[str]:
     from safetensors.torch import load_file
 
     a, b = load_file(f"{before_dir}/model.safetensors"), load_file(f"{after_dir}/model.safetensors")
-    return {k for k in a if not torch.equal(a[k], b[k])}
+    return {k for k in a if not torch.equal(a[k].to(b[k].dtype), b[k])}   # a bf16 run saves bf16
 
 
 def test_v1_changes_only_the_paired_layer(teacher_dir, student_dir, chat_jsonl, tmp_path):
@@ -277,8 +277,8 @@ def test_v1_changes_only_the_paired_layer(teacher_dir, student_dir, chat_jsonl, 
 
 
 def test_v2_changes_every_layer(teacher_dir, student_dir, chat_jsonl, tmp_path):
-    out = tmp_path / "v2"
-    cfg = _run(teacher_dir, student_dir, chat_jsonl("v2.jsonl", n=6), out, variant="v2", max_steps=1)
+    out = tmp_path / "v2"                                             # bf16: the trained layer's fp32 master copy
+    cfg = _run(teacher_dir, student_dir, chat_jsonl("v2.jsonl", n=6), out, variant="v2", max_steps=1, dtype="bf16")
     assert cfg["trained_student_layers"] == [1, 2, 3]
     assert {n.split(".")[2] for n in _changed(student_dir, out)} == {"0", "1", "2"}
     log = [json.loads(x) for x in (out / "semalign_log.jsonl").read_text().splitlines()]
