@@ -60,8 +60,9 @@ class SemAlignConfig:
                             (the paper's HumanEval setting: 3 epochs, 3e-5), --max_steps N: at most N optimizer
                             steps per trained layer. AdamW, --lr_schedule linear with --warmup_ratio 0.03.
     --n_critical 1          teacher layers taken as critical (the paper's worked example has one).
-    --critical_pairing      literal: the pair (l_T(k†), k†) as printed; critical: (l*, k†).
-    --interpolate True      v1: blend adjacent teacher layers at k† when L_T/L_S is not an integer.
+    --critical_pairing      literal: the pair (l_T(k†), k†) as printed; critical: (l*, k†) (v2 always).
+    --interpolate True      v1, literal pairs: blend adjacent teacher layers at k† when L_T/L_S is not an
+                            integer (v2: never, one source layer per target layer).
     --attribution_*         examples (64), sign (abs | signed), reduce (mean | sum), tokens (all | supervised),
                             at (output: the layer's output h_l, as Captum on the decoder layer | update).
     --align_positions       supervised (default) | all: the positions the layer cosine averages over.
@@ -144,24 +145,29 @@ class SemAlignConfig:
                         weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed)
 
 
+def _config(name: str, flag: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {name}: cannot read its config ({type(e).__name__}; offline without a cached copy?)")
+
+
 # ------------------------------------------------------------------------------------- dry run
 def plan_config(name: str, flag: str):
     """A model's config for a plan, without weights: a local model/config directory, else a Llama-2 shape
     named in the hub id (pkt.testing.LLAMA2_SHAPES: works offline), else the hub's config."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     from pkt.testing import LLAMA2_SHAPES
 
     check_model_path(name, flag)
-    if Path(name).expanduser().is_dir():
-        return AutoConfig.from_pretrained(name)
-    for key, shape in LLAMA2_SHAPES.items():
-        if key in name.lower():
-            return LlamaConfig(**shape)
-    try:
-        return AutoConfig.from_pretrained(name)
-    except OSError:
-        fail(f"{flag} {name}: no config found offline (give a model or config directory for --dry_run)")
+    if not Path(name).expanduser().is_dir():
+        for key, shape in LLAMA2_SHAPES.items():
+            if key in name.lower():
+                return LlamaConfig(**shape)
+    return _config(name, flag)
 
 
 def print_memory_plans(cfg: SemAlignConfig, budget_gb: float = 75.0) -> dict:
@@ -207,15 +213,13 @@ def train(cfg: SemAlignConfig):
     if cfg.dry_run:
         print_memory_plans(cfg)
         return
-    from transformers import AutoConfig
-
     # ---- everything checked before a model loads or a byte is written
     out = Path(check_output(cfg.output_dir, "--output_dir", cfg.overwrite,
                             inputs={"--source_model": cfg.source_model, "--target_model": cfg.target_model,
                                     "--data_path": cfg.data_path}))
     check_model_path(cfg.source_model, "--source_model")
     check_model_path(cfg.target_model, "--target_model")
-    t_cfg, s_cfg = AutoConfig.from_pretrained(cfg.source_model), AutoConfig.from_pretrained(cfg.target_model)
+    t_cfg, s_cfg = _config(cfg.source_model, "--source_model"), _config(cfg.target_model, "--target_model")
     L_T, L_S = t_cfg.num_hidden_layers, s_cfg.num_hidden_layers
     if cfg.n_critical > L_T:
         fail(f"--n_critical {cfg.n_critical}: the teacher has only {L_T} layers")
@@ -254,7 +258,7 @@ def train(cfg: SemAlignConfig):
     # ---- 1-2. semantic bases (cached per model) and the fixed map M = S_S S_Tᵀ
     cache_dir = Path(cfg.bases_cache_dir) if cfg.bases_cache_dir else out.parent / "semalign_bases"
     keys = {"teacher": bases_key(unembedding(teacher)), "student": bases_key(unembedding(student))}
-    S_T, S_S = cached_bases(teacher, cache_dir), cached_bases(student, cache_dir)
+    S_T, S_S = cached_bases(teacher, cache_dir, keys["teacher"]), cached_bases(student, cache_dir, keys["student"])
     M = alignment_map(S_T, S_S, vocab)
     del S_T, S_S
     t_bases = time.time() - t0

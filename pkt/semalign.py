@@ -160,14 +160,14 @@ def bases_key(W_U: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def cached_bases(model, cache_dir) -> torch.Tensor:
+def cached_bases(model, cache_dir, key: str | None = None) -> torch.Tensor:
     """`semantic_bases` of the model's unembedding, computed once and kept in `cache_dir` as
-    `bases-<sha256>.safetensors` -> `[d, V]` fp32 on the model's device. A cache file that does not load or
-    does not match is recomputed (with a warning)."""
+    `bases-<sha256>.safetensors` -> `[d, V]` fp32 on the model's device (`key`: its `bases_key`, when the
+    caller has it). A cache file that does not load or does not match is recomputed (with a warning)."""
     from safetensors import safe_open
 
     W = unembedding(model)
-    key = bases_key(W)
+    key = key or bases_key(W)
     path = Path(cache_dir) / f"bases-{key[:40]}.safetensors"
     shape = (W.shape[1], W.shape[0])
     if path.exists():

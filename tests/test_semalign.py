@@ -418,4 +418,15 @@ def test_dry_run_plans_both_variants_at_13b_to_7b_without_loading(tmp_path, caps
         assert rows["alignment map M = S_S S_Tᵀ (fp32)"] == 4 * 4096 * 5120
         assert 40 * 2**30 < plans[variant]["peak"] < 75 * 2**30
     assert plans["v1"]["phases"]["train"] < plans["v2"]["phases"]["train"]   # v1 frees the teacher
+    from transformers import LlamaConfig
+
+    from pkt.testing import LLAMA2_SHAPES
+
+    dirs = {}
+    for name in ("llama-2-13b", "llama-2-7b"):
+        LlamaConfig(**LLAMA2_SHAPES[name]).save_pretrained(tmp_path / name)   # config.json only, no weights
+        dirs[name] = str(tmp_path / name)
+    again = train_SemAlign.print_memory_plans(SemAlignConfig(source_model=dirs["llama-2-13b"],
+                                                             target_model=dirs["llama-2-7b"], dry_run=True))
+    assert again["v1"]["peak"] == plans["v1"]["peak"]
     assert not (tmp_path / "never").exists()
