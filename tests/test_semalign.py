@@ -10,16 +10,33 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
-import train_SemAlign
 from conftest import ROOT, make_llama, save_model
+
 from pkt.data import collate_left, tokenize_example
 from pkt.io import PKTError
-from pkt.semalign import (align, alignment_map, base_pairing, cached_bases, critical_layers, decompose,
-                          interpolation, layer_attribution, nearest_student, onehot_cosine, recompose,
-                          relation_loss, semantic_bases, shared_vocab, v1_loss, v1_pairs, v2_pairs)
+from pkt.semalign import (
+    SemAlignConfig,
+    align,
+    alignment_map,
+    base_pairing,
+    cached_bases,
+    critical_layers,
+    decompose,
+    interpolation,
+    layer_attribution,
+    nearest_student,
+    onehot_cosine,
+    print_memory_plans,
+    recompose,
+    relation_loss,
+    semantic_bases,
+    shared_vocab,
+    train,
+    v1_loss,
+    v1_pairs,
+    v2_pairs,
+)
 from pkt.testing import make_tokenizer
-from train_SemAlign import SemAlignConfig
 
 
 # ------------------------------------------------------------------------- Sec. 3.1 semantic bases
@@ -249,7 +266,7 @@ def _run(teacher_dir, student_dir, data, out, **kw):
     args = dict(source_model=str(teacher_dir), target_model=str(student_dir), data_path=data, output_dir=str(out),
                 batch_size=4, micro_batch_size=2, max_steps=2, learning_rate=1e-3, warmup_ratio=0.0,
                 attribution_examples=4, seed=0)
-    train_SemAlign.train(SemAlignConfig(**{**args, **kw}))
+    train(SemAlignConfig(**{**args, **kw}))
     return json.loads((out / "semalign_config.json").read_text())
 
 
@@ -409,7 +426,7 @@ def test_bad_flag_values_are_one_line_errors_before_anything_loads(tmp_path):
 
 
 def test_dry_run_plans_both_variants_at_13b_to_7b_without_loading(tmp_path, capsys):
-    plans = train_SemAlign.print_memory_plans(SemAlignConfig(dry_run=True, output_dir=str(tmp_path / "never")))
+    plans = print_memory_plans(SemAlignConfig(dry_run=True, output_dir=str(tmp_path / "never")))
     text = capsys.readouterr().out
     assert "SemAlign v1 (selected), the published method" in text and "a reading of the v2 abstract" in text
     for variant in ("v1", "v2"):
@@ -426,7 +443,7 @@ def test_dry_run_plans_both_variants_at_13b_to_7b_without_loading(tmp_path, caps
     for name in ("llama-2-13b", "llama-2-7b"):
         LlamaConfig(**LLAMA2_SHAPES[name]).save_pretrained(tmp_path / name)   # config.json only, no weights
         dirs[name] = str(tmp_path / name)
-    again = train_SemAlign.print_memory_plans(SemAlignConfig(source_model=dirs["llama-2-13b"],
+    again = print_memory_plans(SemAlignConfig(source_model=dirs["llama-2-13b"],
                                                              target_model=dirs["llama-2-7b"], dry_run=True))
     assert again["v1"]["peak"] == plans["v1"]["peak"]
     assert not (tmp_path / "never").exists()
