@@ -64,12 +64,18 @@ def test_laten_draws_seed_42_on_gsm_splits_are_the_originals():
     assert train_ids[laten.inference_row(42, len(train_ids))] == INFERENCE_SEED_EXAMPLE
 
 
-def test_gsm_training_locates_on_the_original_examples_without_bos(teacher_dir, student_dir, tokenizer, tmp_path,
-                                                                    monkeypatch):
-    located = []
+@pytest.fixture
+def located(monkeypatch):
+    """The token ids every `locate` call of pkt.laten reads (first example of each call), in call order."""
+    seen = []
     real = laten.locate
-    monkeypatch.setattr(laten, "locate", lambda model, examples, **kw: located.append(examples[0]) or
+    monkeypatch.setattr(laten, "locate", lambda model, examples, **kw: seen.append(examples[0]) or
                         real(model, examples, **kw))
+    return seen
+
+
+def test_gsm_training_locates_on_the_original_examples_without_bos(teacher_dir, student_dir, tokenizer, tmp_path,
+                                                                    located):
     save_dir = laten.train(TrainConfig(
         source_model=teacher_dir, target_model=student_dir, extract_data_path=str(GSM / "gsm_extract_split.jsonl"),
         align_data_path=str(GSM / "gsm_align_split.jsonl"), translator_save_name="gsm", output_dir=str(tmp_path),
@@ -84,12 +90,8 @@ def test_gsm_training_locates_on_the_original_examples_without_bos(teacher_dir, 
 
 
 def test_inference_locates_on_bos_plus_text_of_the_original_seed_example(teacher_dir, student_dir, tokenizer,
-                                                                         tmp_path, monkeypatch):
+                                                                         tmp_path, located):
     KnowledgeTranslator(96, 64).save(tmp_path / "tr" / "checkpoint_0")
-    located = []
-    real = laten.locate
-    monkeypatch.setattr(laten, "locate", lambda model, examples, **kw: located.append(examples[0]) or
-                        real(model, examples, **kw))
     out = laten.transfer(TransferConfig(
         source_model=teacher_dir, target_model=student_dir, data_path=str(GSM / "gsm_train_split.jsonl"),
         translator_checkpoints=str(tmp_path / "tr"), output_dir=str(tmp_path / "out"), dtype="fp32",
