@@ -17,7 +17,10 @@ LORA_R=${LORA_R:-16}                                # random / pissa only (extra
 LORA_ALPHA=${LORA_ALPHA:-16}
 MODULES=${MODULES:-q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj,embed_tokens,lm_head}
 SEED=${SEED:-1}
-DTYPE=${DTYPE:-bf16}
+TRAIN_ON_INPUTS=${TRAIN_ON_INPUTS:-False}           # the reference's train.sh
+ADD_EOS_TOKEN=${ADD_EOS_TOKEN:-False}               # the reference's default (it only changes the prompt mask)
+DTYPE=${DTYPE:-bf16}                                # the reference: an fp16 student with fp16 AMP
+MERGE_DTYPE=${MERGE_DTYPE:-fp32}                    # the reference merges and saves in fp32
 NAME=${NAME:-$(basename "$SOURCE")-to-$(basename "$TARGET")-$TASK}
 EXTRACTED=${EXTRACTED:-extracted_lora/$NAME}
 OUT=${OUT:-trained_lora/$NAME-$LORA_INIT}
@@ -50,9 +53,12 @@ if [ "$NUM_GPUS" -gt 1 ]; then LAUNCH=(torchrun --nproc_per_node "$NUM_GPUS"); e
     --micro_batch_size "$MICRO_BATCH_SIZE" \
     --cutoff_len "$CUTOFF_LEN" \
     --seed "$SEED" \
+    --train_on_inputs "$TRAIN_ON_INPUTS" \
+    --add_eos_token "$ADD_EOS_TOKEN" \
     --dtype "$DTYPE" \
     --resume "$RESUME" \
     "${EXTRA[@]}" \
     --output_dir "$OUT"
 
-python merge_lora.py --base_model "$TARGET" --lora_path "$OUT" "${MERGE_ARGS[@]}" --output_dir "$MERGED"
+python merge_lora.py --base_model "$TARGET" --lora_path "$OUT" "${MERGE_ARGS[@]}" --dtype "$MERGE_DTYPE" \
+    --output_dir "$MERGED"

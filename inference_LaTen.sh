@@ -7,12 +7,13 @@ TASK=${TASK:-gsm}                                   # gsm | mmlu | humaneval | m
 LR=${LR:-3e-4}                                      # only used to find the translator trained by train_LaTen.sh
 TRANSFER_RATE=${TRANSFER_RATE:-0.1}                 # the rate the translator was trained with
 TRANSFER_RATES=${TRANSFER_RATES:-[0.1]}             # rates to fuse at, e.g. '[0.1,0.3,0.5]'
-STEPS=${STEPS:-[19]}                                # translator checkpoints to fuse (gsm: 20 extract examples -> 0..19)
+STEPS=${STEPS:-[0]}                                 # translator checkpoints to fuse: [0] as the reference script
+                                                    # and README (gsm trains checkpoints 0..19)
 SOURCE=${SOURCE:-meta-llama/Llama-2-13b-chat-hf}    # teacher
 TARGET=${TARGET:-meta-llama/Llama-2-7b-chat-hf}     # student
 SEED=${SEED:-42}
 DATA_DIR=${DATA_DIR:-data}
-TRANSLATOR=${TRANSLATOR:-knowledge_translator/${TASK}_lr${LR}_rate${TRANSFER_RATE}}
+TRANSLATOR=${TRANSLATOR:-knowledge_translator/${TASK}-transfer_rate${TRANSFER_RATE}-lr${LR}}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/laten/$TASK}
 
 cd "$(dirname "$0")"

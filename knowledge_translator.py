@@ -3,7 +3,8 @@
 One MLP per transferred module, `Linear(d_T, d_T) -> ReLU -> Linear(d_T, d_S)` (no bias, fp32, weights
 N(0, 1e-5)), applied to vectors in the teacher's hidden dimension: the rows of up_proj / v_proj and the
 columns of down_proj / o_proj (transposed in and back out). With the tiny init the first translations
-are ~0, so training starts from the unmodified student.
+are ~0, so training starts from the unmodified student. Built in the order of `modules` (LaTen's training
+passes the reference's down, up, o, v), so a torch seed gives the reference's initial weights.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class KnowledgeTranslator(nn.Module):
 
     def forward(self, extracted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`extracted[m]`: `[n_layers, k, d_T]` (up/v rows) or `[n_layers, d_T, k]` (down/o columns), any
-        dtype -> the same layout with d_S instead of d_T, in fp32 (on the translator's device)."""
+        dtype -> the same layout with d_S instead of d_T, in fp32 (on the translator's device). The reference
+        casts this output to fp16; `pkt.laten.cast_translated` does so under `--dtype fp16`."""
         device = next(self.parameters()).device
         out = {}
         for m in self.modules_:

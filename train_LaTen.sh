@@ -13,10 +13,16 @@ CUTOFF_LEN=${CUTOFF_LEN:-768}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
 DATA_DIR=${DATA_DIR:-data}
 OUTPUT_DIR=${OUTPUT_DIR:-knowledge_translator}
-SAVE_NAME=${SAVE_NAME:-${TASK}_lr${LR}_rate${TRANSFER_RATE}}
+SAVE_NAME=${SAVE_NAME:-${TASK}-transfer_rate${TRANSFER_RATE}-lr${LR}}   # the reference script's name
 
-TRAIN_ON_INPUTS=False
-if [ "$TASK" = "mmlu" ]; then TRAIN_ON_INPUTS=True; fi   # as the reference scripts
+# MMLU trains on the inputs: the paper's README asks for it (the answer is one letter, too little to give a
+# stable gradient). The reference script never sets train_on_inputs, and the reference code cannot run with
+# it (its generate_and_tokenize_prompt then reads user_prompt, defined only when train_on_inputs is False);
+# here it works. TRAIN_ON_INPUTS=False restores the reference script's value.
+if [ -z "${TRAIN_ON_INPUTS:-}" ]; then
+    TRAIN_ON_INPUTS=False
+    if [ "$TASK" = "mmlu" ]; then TRAIN_ON_INPUTS=True; fi
+fi
 
 cd "$(dirname "$0")"
 python train_LaTen.py \

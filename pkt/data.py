@@ -93,23 +93,37 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def locate_ids(tokenizer, messages: list[dict], use_chat_template: bool = False) -> list[int]:
-    """Token ids the attribution reads: prompt + response stripped of trailing punctuation, no BOS/EOS.
+def locate_ids(tokenizer, messages: list[dict], use_chat_template: bool = False, add_bos: bool = False) -> list[int]:
+    """Token ids the attribution reads: prompt + response stripped of trailing punctuation, no EOS; BOS only
+    with `add_bos` (the reference's inference tokenizer keeps it, its training tokenizer does not).
     The model reads ids[:-1]; ids[-1] is the scored target."""
     if use_chat_template:
         prompt, _ = template_prompt_response(tokenizer, messages)
     else:
         prompt, _ = chat_prompt_response(messages)
     ids = encode(tokenizer, prompt + messages[-1]["content"].strip().rstrip(LOCATE_STRIP))
+    bos = tokenizer.bos_token_id
+    if add_bos and bos is not None and ids[:1] != [bos]:
+        ids = [bos] + ids
     if len(ids) < 2:
         fail("example has fewer than 2 tokens: nothing to score")
     return ids
 
 
+def reference_length(ids: list[int], cutoff_len: int, eos_id: int, add_eos: bool = True) -> int:
+    """Length of the reference codes' `tokenize(text)` given the ids of `text`: truncated to cutoff_len, then
+    EOS appended when `add_eos`, the result is shorter than cutoff_len and does not end with EOS already."""
+    n = min(len(ids), cutoff_len)
+    return n + int(add_eos and n < cutoff_len and (n == 0 or ids[n - 1] != eos_id))
+
+
 def tokenize_example(tokenizer, messages: list[dict], cutoff_len: int = 768, train_on_inputs: bool = False,
-                     eos_response: bool = False, use_chat_template: bool = False) -> dict:
+                     eos_response: bool = False, use_chat_template: bool = False,
+                     mask_first_response_token: bool = False) -> dict:
     """input_ids/labels (unpadded lists) as the reference: no BOS, truncate at cutoff_len, EOS appended
-    when shorter, labels -100 over the prompt unless train_on_inputs."""
+    when shorter, labels -100 over the prompt unless train_on_inputs. `mask_first_response_token`: LaTen's
+    reference measures the prompt tokenised *with* its EOS appended, so one more label (the first response
+    token) is -100."""
     if use_chat_template:
         prompt, response = template_prompt_response(tokenizer, messages)
     else:
@@ -120,7 +134,9 @@ def tokenize_example(tokenizer, messages: list[dict], cutoff_len: int = 768, tra
         ids.append(eos)
     labels = list(ids)
     if not train_on_inputs:
-        n_prompt = min(len(encode(tokenizer, prompt)), len(ids))
+        prompt_ids = encode(tokenizer, prompt)
+        n_prompt = reference_length(prompt_ids, cutoff_len, eos) if mask_first_response_token else len(prompt_ids)
+        n_prompt = min(n_prompt, len(ids))
         labels[:n_prompt] = [IGNORE] * n_prompt
     return {"input_ids": ids, "labels": labels}
 
@@ -134,6 +150,27 @@ def encode_chat(tokenizer, messages: list[dict], cutoff_len: int, add_bos: bool 
     if bos is not None:
         ex = {"input_ids": [bos] + ex["input_ids"], "labels": [IGNORE] + ex["labels"]}
     return ex
+
+
+def encode_finetune(tokenizer, messages: list[dict], cutoff_len: int, train_on_inputs: bool = False,
+                    add_eos_token: bool = False, add_bos: bool = True) -> dict:
+    """input_ids/labels lists as PostPKT's fine-tuning code builds them: the chat text of `chat_prompt_response`
+    with the assistant turn ending "\\n\\n" (its Prompter), BOS prepended (Llama's tokenizer default; `add_bos`),
+    truncated to cutoff_len, EOS appended when shorter. Unless `train_on_inputs`, the labels are -100 over the
+    prompt as that code measures it: `tokenize(prompt)` with EOS appended when `add_eos_token`, minus one
+    then (so the mask differs from the prompt length only when the prompt reaches cutoff_len)."""
+    prompt, response = chat_prompt_response(messages)
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    ids = (bos + encode(tokenizer, prompt + response))[:cutoff_len]
+    if reference_length(ids, cutoff_len, eos) > len(ids):
+        ids.append(eos)
+    labels = list(ids)
+    if not train_on_inputs:
+        n_prompt = reference_length(bos + encode(tokenizer, prompt), cutoff_len, eos, add_eos_token) - add_eos_token
+        n_prompt = min(n_prompt, len(ids))
+        labels[:n_prompt] = [IGNORE] * n_prompt
+    return {"input_ids": ids, "labels": labels}
 
 
 def left_pad(rows: list[list[int]], pad_id: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,10 +200,12 @@ def collate_left(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def micro_batches(tok, records, size, cutoff_len, train_on_inputs, use_chat_template=False) -> list[dict]:
+def micro_batches(tok, records, size, cutoff_len, train_on_inputs, use_chat_template=False,
+                  mask_first_response_token=False) -> list[dict]:
     """Left-padded `{input_ids, attention_mask, labels}` micro-batches of `size` chat records, in order."""
     examples = [tokenize_example(tok, r["messages"], cutoff_len=cutoff_len, train_on_inputs=train_on_inputs,
-                                 use_chat_template=use_chat_template) for r in records]
+                                 use_chat_template=use_chat_template,
+                                 mask_first_response_token=mask_first_response_token) for r in records]
     return [collate_left(examples[i:i + size], tok.pad_token_id) for i in range(0, len(examples), size)]
 
 

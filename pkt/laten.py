@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from knowledge_translator import KnowledgeTranslator
 from modeling_llama_laten import Delta, fold, inject
@@ -124,18 +125,19 @@ def check_pair(teacher_shape: Shape, student_shape: Shape, ffn_k: int, attn_k: i
 
 
 def locate_pair(pair: ModelPair, messages, rate: float, precision: str = "fp32", use_chat_template: bool = False,
-                layers=None):
+                layers=None, add_bos: bool = False):
     """(teacher selection, student selection) on one example, each model reading the text with its own
     tokenizer. n_layers = student layers; k = int(student ffn * rate) FFN and int(student hidden * rate)
     attention neurons. `layers` = (teacher_sel, student_sel) forces the kept layers of an earlier selection
-    (inference locates layers once, then neurons per rate)."""
+    (inference locates layers once, then neurons per rate). `add_bos`: read BOS + text (the reference's
+    inference) instead of the text alone (its training)."""
     ffn_k, attn_k = neuron_counts(pair.student_shape, rate)
     check_pair(pair.teacher_shape, pair.student_shape, ffn_k, attn_k)
     sels = []
     for i, (model, tok) in enumerate(((pair.teacher, pair.teacher_tokenizer), (pair.student, pair.student_tokenizer))):
         force = {} if layers is None else {"attn_layers": list(layers[i].attn_layers),
                                            "ffn_layers": list(layers[i].ffn_layers)}
-        ids = locate_ids(tok, messages, use_chat_template=use_chat_template)
+        ids = locate_ids(tok, messages, use_chat_template=use_chat_template, add_bos=add_bos)
         sels.append(locate(model, [ids], n_layers=pair.student_shape.layers, ffn_k=ffn_k, attn_k=attn_k,
                            precision=precision, **force))
     return sels[0], sels[1]
@@ -191,9 +193,25 @@ def deltas_for(student_selection, translated: dict[str, torch.Tensor], student_s
     return deltas
 
 
-def mse_penalty(translated: dict[str, torch.Tensor], weight: float = MSE_WEIGHT) -> torch.Tensor:
-    """The reference's regulariser `1000 * sum over modules of mean(translated ** 2)` (MSE against 0)."""
+def mse_penalty(translated: dict[str, torch.Tensor], weight: float = MSE_WEIGHT, in_dtype: bool = False) -> torch.Tensor:
+    """The reference's regulariser `1000 * sum over modules of mean(translated ** 2)` (MSE against 0), in fp32;
+    `in_dtype`: as the reference computes it, `nn.MSELoss` on the translations in their own dtype (fp16 there:
+    squares below ~6e-8 vanish), summed and weighted in that dtype."""
+    if in_dtype:
+        return sum(F.mse_loss(t, torch.zeros_like(t)) for t in translated.values()) * weight
     return weight * sum(t.float().pow(2).mean() for t in translated.values())
+
+
+def cast_translated(translated: dict[str, torch.Tensor], dtype=None) -> dict[str, torch.Tensor]:
+    """The reference's cast of the translator output (`.to(torch.float16)`) when `dtype` is given, else as is.
+    The fp32 -> fp16 cast is differentiable: gradients reach the fp32 translator in fp32."""
+    return translated if dtype is None else {m: t.to(dtype) for m, t in translated.items()}
+
+
+def reference_dtype(model):
+    """fp16 when `model` computes in fp16 (`--dtype fp16`): LaTen then follows the reference's fp16 numerics
+    (translator output cast to fp16, fp16 MSE); None otherwise (fp32 translations, fp32 MSE)."""
+    return torch.float16 if next(model.parameters()).dtype == torch.float16 else None
 
 
 # --------------------------------------------------------------------------------------------- align
@@ -204,7 +222,7 @@ def lm_loss(student, batch) -> torch.Tensor:
                    labels=batch["labels"].to(dev), use_cache=False).loss
 
 
-def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, step=0) -> dict:
+def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, step=0, translated_dtype=None) -> dict:
     """Accumulate into the translator's .grad the gradient of sum over micro-batches of
     (student LM loss with the translated deltas injected + 1000 * MSE(translated, 0)), as the reference
     (summed, not averaged). `knowledge`: the extracted teacher slices (`extract`).
@@ -212,7 +230,9 @@ def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, s
     The translation does not depend on the micro-batch, so it runs once per step: each micro-batch
     back-propagates into a detached copy of it, and the summed gradient then goes through the translator
     in one backward. Same gradient as re-translating per micro-batch (the reference), 1/n of the work.
-    Returns mean loss / lm_loss / mse_loss over the used micro-batches and the gradient norm."""
+    `translated_dtype` (fp16: the reference's numerics, see `reference_dtype`): the translations are cast
+    to it before the MSE and the injection. Returns mean loss / lm_loss / mse_loss over the used
+    micro-batches and the gradient norm."""
     s_shape = model_shape(student)
     translated = translator(knowledge)
     leaves = {m: t.detach().requires_grad_(True) for m, t in translated.items()}
@@ -222,8 +242,9 @@ def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, s
             log.warning("step %d: a micro-batch has no supervised tokens (prompt >= cutoff_len): skipped", step)
             skipped += 1
             continue
-        mse = mse_penalty(leaves)
-        with inject(student, deltas_for(s_sel, leaves, s_shape)):
+        cast = cast_translated(leaves, translated_dtype)
+        mse = mse_penalty(cast, in_dtype=translated_dtype is not None)
+        with inject(student, deltas_for(s_sel, cast, s_shape)):
             lm = lm_loss(student, batch)
             loss = lm + mse.to(lm.device)
             if not torch.isfinite(loss):
@@ -300,6 +321,43 @@ def restore_checkpoint(ckpt: Path, translator, optimizer, scheduler, order: list
     return state["step"] + 1
 
 
+# ------------------------------------------------------------------------------------------ the draws
+def dataset_order(n: int) -> list[int]:
+    """The permutation `datasets.Dataset.shuffle()` without a seed applies to n rows, as the reference calls
+    it: the library seeds its generator from numpy's global RNG and advances that RNG one step, so
+    successive calls after `set_seed` give the reference's successive shuffles."""
+    from datasets import Dataset
+
+    return list(Dataset.from_dict({"row": list(range(n))}).shuffle()["row"])
+
+
+def training_orders(seed: int, n_extract: int, n_align: int) -> tuple[list[int], list[int]]:
+    """(extract order, align order), drawn as the reference does: `set_seed(seed)`, then the extract split
+    shuffled, then the align split. Step i locates on extract row `extract_order[i]`. Re-derived on every
+    start, `--resume` included (nothing of it is persisted)."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    return dataset_order(n_extract), dataset_order(n_align)
+
+
+def align_positions(step: int, n_rows: int, n_align: int) -> list[int]:
+    """Positions in the *shuffled* align split of step's align examples: `random.seed(step)`, then
+    `random.sample(range(n_rows), n_align)`, as the reference."""
+    random.seed(step)
+    return random.sample(range(n_rows), n_align)
+
+
+def inference_row(seed: int, n: int) -> int:
+    """Row of the train split inference locates on, drawn as the reference does: `set_seed(seed)`, the split
+    shuffled, then `random.sample(range(n), 1)` picks a position in the shuffled split."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    order = dataset_order(n)
+    return order[random.sample(range(n), 1)[0]]
+
+
 # ------------------------------------------------------------------------------------------ training
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
@@ -313,7 +371,9 @@ class TrainConfig:
     --save_trainer_state last|all: keep trainer_state.pt (optimizer/scheduler/RNG, for --resume) only in the
     newest checkpoint (default; at 13B->7B it is ~1.5 GB) or in every one. An existing run directory is
     an error unless --resume (continue it) or --overwrite (start over: its checkpoints and log are removed).
-    --dtype defaults to bf16 on CUDA, fp32 elsewhere; --gradient_checkpointing to on when the student is on CUDA.
+    --dtype defaults to bf16 on CUDA, fp32 elsewhere (fp16: the reference's numerics, translator output cast to
+    fp16); --gradient_checkpointing to on when the student is on CUDA. --mask_first_response_token True (the
+    reference) masks the first response token's label as well; False supervises the whole response.
     """
     source_model: str = "meta-llama/Llama-2-13b-chat-hf"
     target_model: str = "meta-llama/Llama-2-7b-chat-hf"
@@ -325,8 +385,9 @@ class TrainConfig:
     cutoff_len: int = 768
     micro_batch_size: int = 1
     train_on_inputs: bool = False
+    mask_first_response_token: bool = True
     seed: int = 42
-    lora_target_modules: str = ",".join(TRANSFER_MODULES)
+    lora_target_modules: str = "down_proj,up_proj,o_proj,v_proj"   # the reference's order (translator init draws)
     output_dir: str = "knowledge_translator/"
     n_align: int = 15
     dtype: str | None = None
@@ -392,9 +453,7 @@ def train(cfg: TrainConfig) -> str:
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.learning_rate, total_steps=n_steps,
                                                     pct_start=0.1, final_div_factor=1, anneal_strategy="cos")
-    order = list(range(len(extract_data)))
-    random.seed(cfg.seed)
-    random.shuffle(order)  # the extract split, shuffled once by the seed (resume recomputes the same order)
+    order, align_order = training_orders(cfg.seed, len(extract_data), len(align_data))
     log_path = cfg.save_dir / "train_log.jsonl"
     start = 0
     if cfg.resume_from is not None:
@@ -413,11 +472,12 @@ def train(cfg: TrainConfig) -> str:
         rec = extract_data[order[step]]
         t_sel, s_sel = locate_pair(pair, rec["messages"], cfg.transfer_rate, cfg.precision, cfg.use_chat_template)
         knowledge = extract(pair.teacher, t_sel, cfg.modules, pair.teacher_shape, device=pair.device)
-        random.seed(step)    # the n_align align examples of this step, + the example itself
-        batch_records = [align_data[i] for i in random.sample(range(len(align_data)), cfg.n_align)] + [rec]
+        align_rows = [align_order[j] for j in align_positions(step, len(align_data), cfg.n_align)]
+        batch_records = [align_data[i] for i in align_rows] + [rec]   # n_align align examples + the example
         batches = micro_batches(pair.student_tokenizer, batch_records, cfg.micro_batch_size, cfg.cutoff_len,
-                                cfg.train_on_inputs, cfg.use_chat_template)
-        stats = align_step(translator, knowledge, pair.student, s_sel, batches, cfg.skip_nan_steps, step)
+                                cfg.train_on_inputs, cfg.use_chat_template, cfg.mask_first_response_token)
+        stats = align_step(translator, knowledge, pair.student, s_sel, batches, cfg.skip_nan_steps, step,
+                           reference_dtype(pair.student))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -430,6 +490,7 @@ def train(cfg: TrainConfig) -> str:
             "teacher_ffn_layers": list(t_sel.ffn_layers), "student_ffn_layers": list(s_sel.ffn_layers),
             "teacher_attn_layers": list(t_sel.attn_layers), "student_attn_layers": list(s_sel.attn_layers),
             "example_id": rec.get("id", f"extract:{order[step]}"), "grad_norm": stats["grad_norm"],
+            "align_example_ids": [align_data[i].get("id", f"align:{i}") for i in align_rows],
             "micro_batches": stats["micro_batches"], "skipped_micro_batches": stats["skipped_micro_batches"]})
     log.info("done: %s", cfg.save_dir)
     print(cfg.save_dir)
@@ -451,14 +512,16 @@ def transfer_dir(output_dir, target_model, rate: float, step: int) -> Path:
 class TransferConfig:
     """Writes <output_dir>/<target name>-transfer_rate<rate*100>%-step<step>/ (model, tokenizer,
     laten_transfer.json) for every rate and step; returns the list of written directories.
-    --transfer_rates / --steps: lists ('[0.1,0.3]' or 0.1,0.3). An existing output is an error unless --overwrite.
+    --transfer_rates / --steps: lists ('[0.1,0.3]' or 0.1,0.3); the defaults are the reference script's ([0.1],
+    [0]). --locate_with_bos True (the reference's inference tokenizer) locates on BOS + text; False on the
+    text alone, as training does. An existing output is an error unless --overwrite.
     """
     source_model: str = "meta-llama/Llama-2-13b-chat-hf"
     target_model: str = "meta-llama/Llama-2-7b-chat-hf"
     data_path: str = "data/gsm/gsm_train_split.jsonl"
     translator_checkpoints: str = "knowledge_translator/gsm"
     transfer_rates: str = "0.1"
-    steps: str = "19"
+    steps: str = "0"
     seed: int = 42
     output_dir: str = "outputs/laten"
     dtype: str | None = None
@@ -466,6 +529,7 @@ class TransferConfig:
     teacher_device: str | None = None
     student_device: str | None = None
     use_chat_template: bool = False
+    locate_with_bos: bool = True
     overwrite: bool = False
     rates: list = field(init=False, repr=False)          # transfer_rates, parsed
     checkpoint_steps: list = field(init=False, repr=False)
@@ -502,7 +566,7 @@ def _restore(student, pristine: dict) -> None:
 def transfer(cfg: TransferConfig) -> list[str]:
     """Fuse trained translators into the student: one saved HF model per (transfer rate, step).
 
-        seed example (random.seed(seed) over the data) -> locate layers once (teacher and student)
+        seed example (`inference_row`: set_seed, datasets shuffle, random.sample) -> locate layers once
         for each rate: locate neurons at that rate in those layers, extract the teacher's slices
             for each translator step: translator(slices) (no grad) -> fold the deltas into the student as
             loaded -> save_model
@@ -523,20 +587,21 @@ def transfer(cfg: TransferConfig) -> list[str]:
     pristine = {(l, m): linear(pair.student, l, m).weight.detach().to("cpu", copy=True)
                 for l in range(s_shape.layers) for m in TRANSFER_MODULES}
 
-    random.seed(cfg.seed)
-    idx = random.sample(range(len(data)), 1)[0]
+    idx = inference_row(cfg.seed, len(data))
     rec = data[idx]
     example_id = rec.get("id", f"train:{idx}")
     # layers once (at the first rate; layer scores do not depend on k), then neurons per rate in those layers
-    layer_sel = locate_pair(pair, rec["messages"], cfg.rates[0], cfg.precision, cfg.use_chat_template)
+    layer_sel = locate_pair(pair, rec["messages"], cfg.rates[0], cfg.precision, cfg.use_chat_template,
+                            add_bos=cfg.locate_with_bos)
     written = []
     for rate in cfg.rates:
         t_sel, s_sel = locate_pair(pair, rec["messages"], rate, cfg.precision, cfg.use_chat_template,
-                                   layers=layer_sel)
+                                   layers=layer_sel, add_bos=cfg.locate_with_bos)
         knowledge = extract(pair.teacher, t_sel, modules, t_shape, device=pair.device)
         for step, translator in translators.items():
             with torch.no_grad():
-                deltas = deltas_for(s_sel, translator(knowledge), s_shape)
+                deltas = deltas_for(s_sel, cast_translated(translator(knowledge), reference_dtype(pair.student)),
+                                    s_shape)
             _restore(pair.student, pristine)
             fold(pair.student, deltas)
             out = transfer_dir(cfg.output_dir, cfg.target_model, rate, step)
@@ -550,7 +615,7 @@ def transfer(cfg: TransferConfig) -> list[str]:
                 "student_v_rows": attention_neuron_v_rows(s_shape, s_sel.attn_neurons.long()).tolist(),
                 "intermediate_size": s_shape.ffn, "hidden_size": s_shape.hidden,
                 "modules": list(translator.modules_), "translator_checkpoint": str(cfg.checkpoint(step)),
-                "precision": cfg.precision}})
+                "precision": cfg.precision, "locate_with_bos": cfg.locate_with_bos}})
             log.info("saved %s", out)
             written.append(str(out))
     _restore(pair.student, pristine)

@@ -10,8 +10,8 @@ Inits, named as peft names its init methods (`LoraConfig.init_lora_weights`, `Lo
 
 `negate_lora_A` is the delta (merging it subtracts B A). The fine-tuning loop is plain torch +
 `accelerate.Accelerator`, so the same code runs on one CPU/GPU or under `accelerate launch` / `torchrun`
-(DDP). One optimizer step = `batch_size` examples over all processes (micro-batches of `micro_batch_size`
-per process, gradient accumulation in between).
+(DDP). One optimizer step = `batch_size // (micro_batch_size x processes)` micro-batches per process, grouped
+as the reference's HF Trainer groups them (`trainer_steps`).
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pkt.data import IGNORE, collate_left, encode_chat, load_chat_jsonl, task_split
+from pkt.data import IGNORE, collate_left, encode_finetune, load_chat_jsonl, task_split
 from pkt.io import (append_jsonl, atomic_dir, check_model_path, check_output, fail, load_model, load_tokenizer,
-                    save_model, save_tensors, scan_checkpoints, truncate_log, write_json)
+                    resolve_dtype, save_model, save_tensors, scan_checkpoints, truncate_log, write_json)
 from pkt.model import ALL_MODULES, parse_modules
 
 log = logging.getLogger("pkt.lora")
@@ -198,7 +198,10 @@ def delta(cfg: DeltaConfig) -> int:
 # ---------------------------------------------------------------------------------------- fine-tune
 @dataclass
 class FinetuneConfig:
-    """LoRA fine-tuning of the student with the loss on responses only.
+    """LoRA fine-tuning of the student on the reference fine-tuning text (the assistant turn ends "\\n\\n", then
+    EOS), the loss on responses only unless --train_on_inputs; --add_eos_token as the reference's flag (it only
+    changes how the prompt mask is measured). Optimizer steps are grouped as the reference's HF Trainer groups
+    them (`trainer_steps`: 1000 examples, batch 64, micro 8, 3 epochs -> 45 steps).
 
     --lora_init random|pissa|extracted (default: extracted when --lora_init_path is given, else random).
     With an extracted adapter, r / alpha / target modules come from it. --data_path defaults to
@@ -230,6 +233,8 @@ class FinetuneConfig:
     save_total_limit: int = 2
     dtype: str | None = None
     gradient_checkpointing: bool = False
+    train_on_inputs: bool = False
+    add_eos_token: bool = False
     add_bos: bool = True
     data_dir: str = "data"
     overwrite: bool = False
@@ -289,6 +294,49 @@ def checkpoints(output_dir) -> list[tuple[int, Path]]:
     return scan_checkpoints(output_dir, CHECKPOINT_SEP, CHECKPOINT_MARKER)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The examples' order in one epoch: a permutation seeded by (seed, epoch). (The reference's order cannot be
+    reproduced: it shuffles the data with numpy's unseeded global RNG before the Trainer's sampler.)"""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + epoch)).tolist()
+
+
+def trainer_steps(n: int, micro_size: int, accum: int, num_epochs: int, seed: int, world: int = 1,
+                  rank: int = 0) -> list[list[tuple[int, list[int]]]]:
+    """Per optimizer step, this process's micro-batches `(epoch, example indices)`, grouped as the reference's
+    HF Trainer (transformers 4.3x/4.4x) groups them. Each epoch, `epoch_order` is cut into micro-batches and
+    dealt to the processes by accelerate's `BatchSamplerShard` (as accelerate prepares the Trainer's
+    dataloader). The Trainer counts micro-batches over the whole run and steps after every `accum`-th, so an
+    epoch's leftover micro-batches carry over into the next epoch's first step; when an epoch has no more
+    than `accum` micro-batches it also steps after the epoch's last one; it stops after
+    `ceil(num_epochs * max(micro-batches per epoch // accum, 1))` steps."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    def epoch_batches(epoch):
+        batches = BatchSampler(epoch_order(n, seed, epoch), micro_size, drop_last=False)
+        return list(BatchSamplerShard(batches, num_processes=world, process_index=rank))
+
+    per_epoch = len(epoch_batches(0))   # the same on every process (even_batches)
+    total = math.ceil(num_epochs * max(per_epoch // accum, 1))
+    steps, group, seen = [], [], 0
+    for epoch in range(math.ceil(num_epochs)):
+        for j, mb in enumerate(epoch_batches(epoch)):
+            seen += 1
+            group.append((epoch, mb))
+            if seen % accum == 0 or (per_epoch <= accum and j + 1 == per_epoch):
+                steps.append(group)
+                group = []
+                if len(steps) == total:
+                    return steps
+    return steps
+
+
+def epoch_end_steps(steps: list[list[tuple[int, list[int]]]]) -> set[int]:
+    """The step counts at which the Trainer has finished an epoch (its `save_strategy="epoch"` checkpoints): after
+    step i + 1 when step i + 2 ends in a later epoch (an epoch ending mid-step ends before that step)."""
+    return {i + 1 for i in range(len(steps) - 1) if steps[i + 1][-1][0] > steps[i][-1][0]}
+
+
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
     """LoRA fine-tuning with the loss on responses only; returns the log records of this run."""
     from accelerate import Accelerator
@@ -315,15 +363,18 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
 
     # ---- data: response-only labels, one fixed order per epoch (seed + epoch)
     tokenizer = load_tokenizer(cfg.base_model)
-    examples = [encode_chat(tokenizer, rec["messages"], int(cfg.cutoff_len), cfg.add_bos) for rec in records]
+    examples = [encode_finetune(tokenizer, rec["messages"], int(cfg.cutoff_len), cfg.train_on_inputs,
+                                cfg.add_eos_token, cfg.add_bos) for rec in records]
     # An example whose response is cut off entirely by --cutoff_len has no loss (0/0 = NaN): drop it.
     kept = [ex for ex in examples if any(t != IGNORE for t in ex["labels"][1:])]
     if len(kept) < len(examples):
         acc.print(f"warning: {len(examples) - len(kept)} example(s) have no response tokens within "
                   f"--cutoff_len {cfg.cutoff_len}: skipped")
     examples = kept
-    steps_per_epoch = len(examples) // batch_size + (len(examples) % batch_size >= world)
-    total = int(cfg.num_epochs) * steps_per_epoch
+    plan = trainer_steps(len(examples), micro_size, accum, int(cfg.num_epochs), int(cfg.seed), world, rank)
+    steps_per_epoch = max(len(plan) // max(int(cfg.num_epochs), 1), 1)   # for the log's epoch field
+    epoch_ends = epoch_end_steps(plan)
+    total = len(plan)
     if cfg.max_steps:
         total = min(total, int(cfg.max_steps))
     if total < 1:
@@ -382,11 +433,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
     logs = []
     bar = tqdm(total=total, initial=step, desc="finetune", disable=not (progress and acc.is_main_process))
     while step < total:
-        epoch = step // steps_per_epoch
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(int(cfg.seed) + epoch)).tolist()
-        idx = order[(step % steps_per_epoch) * batch_size:][:batch_size]
-        mine = idx[rank::world]
-        micro = [mine[i:i + micro_size] for i in range(0, len(mine), micro_size)]
+        micro = [mb for _, mb in plan[step]]
         torch.manual_seed(int(cfg.seed) * 1_000_003 + step)   # dropout: a resumed run replays the same masks
         loss_sum = torch.zeros((), device=acc.device)
         for k, mb in enumerate(micro):
@@ -394,16 +441,16 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
             sync = k == len(micro) - 1
             with (acc.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()):
                 loss = model(**batch).loss
-                # Example-weighted mean over the global batch; DDP averages over processes, hence x world.
-                acc.backward(loss * (len(mb) * world / len(idx)))
-            loss_sum += loss.detach() * len(mb)
+                # As the Trainer: each micro-batch's mean loss / accum (DDP then averages over processes).
+                acc.backward(loss / accum)
+            loss_sum += loss.detach()
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(list(trainable.values()), float(cfg.max_grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        mean_loss = (acc.reduce(loss_sum, reduction="sum") / len(idx)).item()
+        mean_loss = (acc.reduce(loss_sum, reduction="sum") / (len(micro) * world)).item()
         rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
                "lr": sched.get_last_lr()[0]}
         logs.append(rec)
@@ -411,7 +458,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
             append_jsonl(out / "train_log.jsonl", rec)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-        end_epoch = step % steps_per_epoch == 0
+        end_epoch = step in epoch_ends
         if step < total and ((cfg.save_steps and step % int(cfg.save_steps) == 0) or end_epoch):
             _save_checkpoint(acc, model, opt, sched, out, step, cfg.save_total_limit)
     bar.close()
@@ -456,16 +503,24 @@ def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int):
 class MergeConfig:
     """student (+ delta merged) + trained LoRA merged -> a plain HF model directory (safetensors + tokenizer).
     --delta_path is the get_delta.py output used in fine-tuning (leave it out for random/PiSSA LoRA).
-    --dtype auto keeps the base model's saved precision. An existing output is an error unless --overwrite."""
+    --dtype fp32 (the reference: its base model loads in fp32 and is merged and saved so); auto = the base
+    model's saved precision. --save_dtype casts the merged weights before saving (default: the merge dtype,
+    as the reference; e.g. fp16 halves the size with one rounding after an fp32 merge).
+    An existing output is an error unless --overwrite."""
     base_model: str
     lora_path: str
     output_dir: str
     delta_path: str | None = None
-    dtype: str = "auto"
+    dtype: str = "fp32"
+    save_dtype: str | None = None
     device: str = "cpu"
     overwrite: bool = False
 
     def __post_init__(self):
+        resolve_dtype(self.dtype)   # an unknown name is a one-line error
+        if self.save_dtype is not None and str(self.save_dtype) not in ("fp32", "fp16", "bf16", "float32", "float16",
+                                                                        "bfloat16"):
+            fail(f"--save_dtype {self.save_dtype!r}: expected fp32, fp16 or bf16 (or leave it out: the merge dtype)")
         check_model_path(self.base_model, "--base_model")
         check_adapter_dir(self.lora_path, "--lora_path")
         if self.delta_path:
@@ -478,5 +533,7 @@ def merge(cfg: MergeConfig) -> None:
     """Write the merged model (no non-finite weight is ever saved)."""
     model = build_student(cfg.base_model, cfg.delta_path, cfg.dtype, cfg.device)
     model = merge_adapter(model, cfg.lora_path)
+    if cfg.save_dtype is not None:
+        model = model.to(resolve_dtype(cfg.save_dtype))
     save_model(model, cfg.output_dir, load_tokenizer(cfg.base_model))
     print(f"wrote {cfg.output_dir}")
