@@ -19,6 +19,7 @@ Every method that saves a model directory writes `pkt_budget.json` into it:
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pkt.io import fail, write_json
@@ -56,6 +57,20 @@ def make_budget(method: str, **counts) -> dict:
     if problem:
         fail(f"budget: {problem}")
     return budget
+
+
+@dataclass
+class Tally:
+    """A running count of COUNTS during training; `record(method)` gives the budget record."""
+    teacher_forward_tokens: int = 0
+    teacher_backward_tokens: int = 0
+    student_forward_tokens: int = 0
+    student_backward_tokens: int = 0
+    optimizer_steps: int = 0
+    examples: int = 0
+
+    def record(self, method: str) -> dict:
+        return make_budget(method, **asdict(self))
 
 
 def write_budget(model_dir, method: str, **counts) -> dict:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pkt.budget import BUDGET_FILE, Tally
 from pkt.data import IGNORE, collate_left, load_chat_jsonl, tokenize_example
 from pkt.io import (
     check_model_path,
@@ -238,7 +239,7 @@ def align(h: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------ 3. attribution (Sec. 4.1)
 def layer_attribution(model, batches: list[dict], sign: str = "abs", reduce: str = "mean", tokens: str = "all",
-                      at: str = "output", progress: bool = True, budget: Budget | None = None) -> torch.Tensor:
+                      at: str = "output", progress: bool = True, budget: Tally | None = None) -> torch.Tensor:
     """Layer Gradient x Activation (Captum's `LayerGradientXActivation` on each decoder layer) -> `[L]` fp32 CPU,
     entry l-1 for the paper's layer l. For example n with next-token loss `L_n` (mean over its supervised
     tokens) and activation `x_l` (`at="output"`: the layer's output h_l; `"update"`: its update h_l - h_(l-1)):
@@ -442,7 +443,7 @@ def v1_loss(updates, targets, z, y, smoothing: float = 0.0) -> dict[str, torch.T
 @torch.no_grad()
 def teacher_targets(teacher, examples: list[dict], pairs: list[Pair], M: torch.Tensor, micro_batch_size: int,
                     pad_id: int, which: str = "supervised", vocab: SharedVocab | None = None,
-                    dtype=torch.float32, budget: Budget | None = None, progress: bool = True) -> list[list]:
+                    dtype=torch.float32, budget: Tally | None = None, progress: bool = True) -> list[list]:
     """The v1 supervision, once (the teacher is frozen, so it does not change between epochs): for pair j and
     example i, `align(u_T, M)` at the example's `which` positions -> `[j][i]: [n_i, d_S]` on the CPU in `dtype`,
     with `u_T = (1 - lam) u_T(a) + lam u_T(b)` the teacher's layer update(s). The teacher runs only up to the
@@ -534,7 +535,7 @@ def logits_at(model, ids, mask, labels, depths=()) -> tuple[torch.Tensor, dict[i
 
 
 def v2_micro_loss(teacher, student, pair: Pair, M: torch.Tensor, vocab: SharedVocab | None,
-                  relation_weight: float = 1.0, kl_weight: float = 1.0, budget: Budget | None = None):
+                  relation_weight: float = 1.0, kl_weight: float = 1.0, budget: Tally | None = None):
     """[v2 reading] stage-k objective on one micro-batch (k = pair.student, the only trainable layer):
     `w_rel relation(u_S^k, align(u_T^l)) + w_kl KL(p_T || p_S)`, u the decoder layers' whole updates, l the one
     source layer paired with k, the relation term over each example's non-pad tokens, the KL over the
@@ -570,20 +571,6 @@ def v2_micro_loss(teacher, student, pair: Pair, M: torch.Tensor, vocab: SharedVo
 
 
 # ------------------------------------------------------------------------------------- 6. training
-@dataclass
-class Budget:
-    """Compute spent, in non-pad tokens through each model's forward and backward passes (pkt_budget.json)."""
-    teacher_forward_tokens: int = 0
-    teacher_backward_tokens: int = 0
-    student_forward_tokens: int = 0
-    student_backward_tokens: int = 0
-    optimizer_steps: int = 0
-    examples: int = 0
-
-    def record(self) -> dict:
-        return {"method": "semalign", **asdict(self)}
-
-
 @dataclass
 class Schedule:
     """Optimizer settings of one training phase (AdamW, betas 0.9/0.999)."""
@@ -668,7 +655,7 @@ def batch_counts(examples: list[dict], which: str) -> dict[str, int]:
 
 
 def train_layers(student, examples: list[dict], layers: list[int], loss_fn, sched: Schedule, pad_id: int,
-                 which: str = "supervised", budget: Budget | None = None, on_step=None, desc: str = "SemAlign",
+                 which: str = "supervised", budget: Tally | None = None, on_step=None, desc: str = "SemAlign",
                  extra: dict | None = None, progress: bool = True) -> list[dict]:
     """One training phase: AdamW on decoder layers `layers` (0-based) only, `sched.epochs` passes over
     `examples` (a fresh permutation per epoch, seeded by `seed + epoch`), batches of `sched.batch_size` built
@@ -789,7 +776,6 @@ def memory_plan(variant: str, teacher_cfg, student_cfg, micro_batch_size: int, c
 # ------------------------------------------------------------------------- the stage (CLI config)
 CONFIG = "semalign_config.json"
 LOG = "semalign_log.jsonl"
-BUDGET = "pkt_budget.json"
 
 
 def _choice(value, flag: str, choices) -> None:
@@ -1002,7 +988,7 @@ def train(cfg: SemAlignConfig):
     dtype = cfg.dtype or default_dtype(s_dev)
     teacher = load_model(cfg.source_model, dtype, t_dev, "--source_model").requires_grad_(False)
     student = load_model(cfg.target_model, dtype, s_dev, "--target_model").requires_grad_(False)
-    budget = Budget(examples=len(examples))
+    budget = Tally(examples=len(examples))
     pad = s_tok.pad_token_id
     t0 = time.time()
 
@@ -1071,6 +1057,6 @@ def train(cfg: SemAlignConfig):
         "hyperparameters": {**asdict(cfg), "dtype": str(dtype), "optimizer": "AdamW (0.9, 0.999)"},
         "seconds": {"bases": round(t_bases, 2), "attribution": round(t_attr, 2), "training": round(t_train, 2)},
     }
-    save_model(student, out, s_tok, files={CONFIG: config, BUDGET: budget.record()})
+    save_model(student, out, s_tok, files={CONFIG: config, BUDGET_FILE: budget.record("semalign")})
     write_jsonl(out / LOG, history)
     log.info("saved %s (%d optimizer steps, %.1fs)", out, budget.optimizer_steps, time.time() - t0)
