@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -57,8 +58,16 @@ def run_cli(component, config=None) -> None:
             _check_flags(component, sys.argv[1:])
         fire.Fire(component, serialize=(lambda result: None) if config is not None else None)
     except PKTError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    """An error raised inside a tqdm loop: end the bar's line first, so the error is a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 def config_entry(fn, config):
@@ -259,15 +268,36 @@ def _ordinary_permissions(root: Path) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_error(e: BaseException) -> str | None:
+    """The reason when `e` is a failed write to the disk (full, read-only, no permission, file too large),
+    else None. safetensors reports the OS error in its message ("... (os error 28)") and torch.save's zip
+    writer only as a failed position check, so both are read from the text."""
+    if isinstance(e, OSError):
+        return e.strerror if e.errno in DISK_ERRNOS else None
+    text = str(e)
+    m = re.search(r"\(os error (\d+)\)", text)
+    if m and int(m.group(1)) in DISK_ERRNOS:
+        return os.strerror(int(m.group(1)))
+    if "PytorchStreamWriter failed" in text or ("inline_container" in text and "unexpected pos" in text):
+        return "the write failed (disk full or file size limit)"
+    return None
+
+
 @contextlib.contextmanager
 def _writing(path: Path):
     """Disk errors while writing `path` (full, read-only, no permission) become one-line errors."""
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG):
-            fail(f"cannot write {path}: {e.strerror}")
+    except PKTError:
         raise
+    except Exception as e:
+        reason = _disk_error(e)
+        if reason is None:
+            raise
+        fail(f"cannot write {path}: {reason}")
 
 
 @contextlib.contextmanager
@@ -325,10 +355,24 @@ def write_jsonl(path, records: list[dict]) -> None:
 
 
 def append_jsonl(path, record: dict) -> None:
-    """Append one line (logs grow line by line; a crash loses at most the line being written)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one line (logs grow line by line; a crash loses at most the line being written). A failed
+    write (disk full) is a one-line error and leaves the file as it was: no torn line, and no empty log
+    that would make the next run think a run is there."""
+    path = Path(path)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        size = path.stat().st_size if existed else 0
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if existed:
+                    os.truncate(path, size)
+                else:
+                    path.unlink()
+            raise
 
 
 def read_log(path) -> list[dict]:
@@ -359,16 +403,24 @@ def truncate_log(path, first_step: int) -> None:
         write_jsonl(path, [r for r in read_log(path) if r.get("step", first_step) < first_step])
 
 
-def check_finite(tensors, what: str) -> None:
-    """A one-line error when any tensor of `tensors` (name -> tensor, or a module) holds NaN/inf: nothing with
-    non-finite values is ever saved."""
+def non_finite(tensors) -> tuple[str, int] | None:
+    """(name, count) of the first tensor of `tensors` (name -> tensor, or a module's parameters) holding
+    NaN/inf, else None."""
     import torch
 
     items = tensors.named_parameters() if isinstance(tensors, torch.nn.Module) else tensors.items()
     for name, t in items:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            n = int((~torch.isfinite(t)).sum())
-            fail(f"{what}: {name} has {n} non-finite value(s); nothing was saved")
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name, int((~torch.isfinite(t)).sum())
+    return None
+
+
+def check_finite(tensors, what: str) -> None:
+    """A one-line error when any tensor of `tensors` (name -> tensor, or a module) holds NaN/inf: nothing with
+    non-finite values is ever saved."""
+    bad = non_finite(tensors)
+    if bad:
+        fail(f"{what}: {bad[0]} has {bad[1]} non-finite value(s); nothing was saved")
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -408,6 +460,18 @@ def scan_checkpoints(root, sep: str, marker: str | None = None) -> list[tuple[in
     return sorted(out)
 
 
+def last_good_checkpoint(found: list[tuple[int, Path]]) -> str:
+    """What a training run that stopped on a non-finite step leaves (`found`: `scan_checkpoints`), for its error."""
+    return f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
+
+
+def holds_run(run_dir, sep: str, marker: str | None = None, log: str = "train_log.jsonl") -> bool:
+    """A training run is in `run_dir` when it has a checkpoint (`scan_checkpoints`) or a non-empty train log
+    (an empty one is what a failed first write used to leave: not a run)."""
+    log_file = Path(run_dir) / log
+    return bool(scan_checkpoints(run_dir, sep, marker)) or (log_file.is_file() and log_file.stat().st_size > 0)
+
+
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16", "auto": "auto"}
 
@@ -432,12 +496,93 @@ def resolve_dtype(dtype, device=None):
     return name if name == "auto" else getattr(torch, name)
 
 
-def check_model_path(name_or_path: str, flag: str) -> None:
-    """A local-looking path that does not exist is an input error, not a hub lookup."""
+def is_local_path(name_or_path) -> bool:
+    """The rule for a model argument: a local path when it exists, when the user wrote it as one (`/`, `./`,
+    `../`, `~`), when its first component exists here (`models/student` next to an existing `models/`), or
+    when it has more slashes than a hub id (`owner/name`). Anything else (`gpt2`, `meta-llama/Llama-2-7b-hf`)
+    is a Hugging Face hub id."""
     s = str(name_or_path)
-    looks_local = s.startswith((".", "/", "~")) or os.sep in s and s.count("/") != 1 or Path(s).exists()
-    if looks_local and not (Path(s).expanduser() / "config.json").exists():
+    if s.startswith(("/", "./", "../", "~")) or s in (".", "..") or os.sep != "/" and os.sep in s:
+        return True
+    return Path(s).exists() or Path(s.split("/", 1)[0]).exists() or s.strip("/").count("/") > 1
+
+
+def check_safetensors(path, flag: str) -> None:
+    """A one-line error naming the file when `path` is not a readable safetensors file (truncated, not
+    safetensors at all); reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except Exception as e:  # SafetensorError, OSError
+        fail(f"{flag}: {path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e})")
+
+
+def read_json(path, what: str):
+    """A JSON file, or a one-line error naming `what` and the file (missing, not UTF-8, not JSON)."""
+    p = Path(path)
+    if not p.is_file():
+        fail(f"{what} {p}: no such file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        fail(f"{what} {p}: not UTF-8 text")
+    except ValueError as e:
+        fail(f"{what} {p}: not valid JSON ({e})")
+
+
+def check_model_path(name_or_path: str, flag: str) -> None:
+    """A local path (`is_local_path`) must be a readable Hugging Face model directory: config.json valid
+    JSON and every safetensors file intact, so a broken model is a one-line error before anything loads.
+    A hub id is left to the loader."""
+    s = str(name_or_path)
+    if not is_local_path(s):
+        return
+    p = Path(s).expanduser()
+    if not p.exists():
+        fail(f"{flag} {s}: no such directory")
+    if not (p / "config.json").is_file():
         fail(f"{flag} {s}: no config.json there (not a Hugging Face model directory)")
+    read_json(p / "config.json", flag)
+    for f in sorted(p.glob("*.safetensors")):
+        check_safetensors(f, flag)
+
+
+DEVICE_RE = re.compile(r"(cpu|cuda(:\d+)?|mps|auto)")
+
+
+def check_device(device, flag: str, allow_auto: bool = False) -> None:
+    """`--device` values: cpu, cuda, cuda:N, mps (and auto where the stage places the model itself); None is
+    the default. An unknown name or an absent accelerator is a one-line error before anything loads."""
+    if device is None:
+        return
+    d = str(device)
+    if not DEVICE_RE.fullmatch(d) or d == "auto" and not allow_auto:
+        fail(f"{flag} {d!r}: expected cpu, cuda, cuda:N or mps" + (" or auto" if allow_auto else ""))
+    import torch
+
+    if d.startswith("cuda"):
+        if not torch.cuda.is_available():
+            fail(f"{flag} {d}: CUDA is not available on this machine")
+        if ":" in d and int(d.split(":")[1]) >= torch.cuda.device_count():
+            fail(f"{flag} {d}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if d == "mps" and not torch.backends.mps.is_available():
+        fail(f"{flag} mps: MPS is not available on this machine")
+
+
+@contextlib.contextmanager
+def _loading(name_or_path, flag: str, what: str = "a model"):
+    """Loader failures that are the input's fault (a hub id not found or not cached offline, a broken file)
+    become one-line errors naming the flag."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if isinstance(e, PKTError):
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        where = "" if is_local_path(name_or_path) else " (a Hugging Face hub id: not found, or not cached offline)"
+        fail(f"{flag} {name_or_path}: cannot load {what}{where}: {first}")
 
 
 def default_device() -> str:
@@ -455,26 +600,36 @@ def load_model(name_or_path, dtype="auto", device=None, flag="--model", attn_imp
     check_model_path(name_or_path, flag)
     device = device or default_device()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, device), **extra)
+    with _loading(name_or_path, flag):
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, device), **extra)
     return model.to(device).eval()
+
+
+def load_config(name_or_path, flag="--model"):
+    """The model's transformers config (config.json only: no weights are read)."""
+    from transformers import AutoConfig
+
+    check_model_path(name_or_path, flag)
+    with _loading(name_or_path, flag, "a model config"):
+        return AutoConfig.from_pretrained(name_or_path)
 
 
 def meta_model(name_or_path, flag="--model"):
     """A model on the meta device (shapes only, no memory): for plans and dry runs at full scale,
     from a model directory, a hub name or a config directory."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    check_model_path(name_or_path, flag)
-    cfg = AutoConfig.from_pretrained(name_or_path)
+    cfg = load_config(name_or_path, flag)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path, flag: str = "--model"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    with _loading(name_or_path, flag, "a tokenizer"):
+        tok = AutoTokenizer.from_pretrained(name_or_path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
