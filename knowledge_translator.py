@@ -8,13 +8,12 @@ passes the reference's down, up, o, v), so a torch seed gives the reference's in
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pkt.io import atomic_dir, fail, save_tensors, write_json
+from pkt.io import atomic_dir, check_safetensors, fail, read_json, save_tensors, write_json
 from pkt.model import COL_MODULES, TRANSFER_MODULES
 
 # COL_MODULES (down/o) are extracted as [n_layers, d, k]: translated along d.
@@ -74,7 +73,10 @@ class KnowledgeTranslator(nn.Module):
             fail(f"{directory}: no {WEIGHTS} / {CONFIG} there (not a translator checkpoint)")
         from safetensors.torch import load_file
 
-        cfg = json.loads((d / CONFIG).read_text())
+        cfg = read_json(d / CONFIG, "translator config")
+        if not isinstance(cfg, dict) or any(k not in cfg for k in ("d_T", "d_S", "modules")):
+            fail(f"translator config {d / CONFIG}: expected the fields d_T, d_S and modules")
+        check_safetensors(d / WEIGHTS, "translator")
         t = cls(cfg["d_T"], cfg["d_S"], cfg["modules"], cfg.get("source_model", ""), cfg.get("target_model", ""),
                 cfg.get("transfer_rate"))
         t.load_state_dict(load_file(str(d / WEIGHTS)))

@@ -320,10 +320,16 @@ class LocateConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        from pkt.io import check_output
+        from pkt.io import check_device, check_model_path, check_output, int_flag, resolve_dtype
 
         if self.precision not in PRECISIONS:
             fail(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        int_flag(self.n_layers, "--n_layers", 1, allow_none=True)
+        int_flag(self.ffn_k, "--ffn_k", 0)
+        int_flag(self.attn_k, "--attn_k", 0)
+        resolve_dtype(self.dtype)
+        check_device(self.device, "--device")
+        check_model_path(self.model_dir, "MODEL_DIR")
         if self.example_json is not None:
             if not Path(self.example_json).is_file():
                 fail(f"{self.example_json}: no such file")
@@ -335,19 +341,28 @@ class LocateConfig:
 
 def locate_example(cfg: LocateConfig) -> Selection:
     """`locate` on the one example of `cfg`, written to cfg.out."""
-    import json
-
     from pkt.data import locate_ids
-    from pkt.io import load_model, load_tokenizer, write_json
+    from pkt.io import load_config, load_model, load_tokenizer, read_json, write_json
 
     if cfg.example_json is not None:
-        try:
-            ids = json.loads(Path(cfg.example_json).read_text())["input_ids"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            fail(f"{cfg.example_json}: expected a JSON object with field 'input_ids'")
+        ex = read_json(cfg.example_json, "EXAMPLE_JSON")
+        ids = ex.get("input_ids") if isinstance(ex, dict) else None
+        if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            fail(f"EXAMPLE_JSON {cfg.example_json}: expected a JSON object with a list of integers 'input_ids'")
+        if len(ids) < 2:
+            fail(f"EXAMPLE_JSON {cfg.example_json}: 'input_ids' needs at least 2 ids (the last is the target)")
     else:
-        ids = locate_ids(load_tokenizer(cfg.model_dir), [{"role": "user", "content": cfg.prompt},
-                                                         {"role": "assistant", "content": cfg.response}])
+        ids = locate_ids(load_tokenizer(cfg.model_dir, "MODEL_DIR"), [{"role": "user", "content": cfg.prompt},
+                                                                      {"role": "assistant", "content": cfg.response}])
+    # Checked against the model's config before the weights load.
+    config = load_config(cfg.model_dir, "MODEL_DIR")
+    vocab, depth = int(config.vocab_size), int(config.num_hidden_layers)
+    oov = [i for i in ids if not 0 <= i < vocab]
+    if oov:
+        fail(f"{cfg.example_json or '--prompt/--response'}: token id(s) {oov[:5]} outside the model's vocabulary "
+             f"[0, {vocab})")
+    if cfg.n_layers is not None and cfg.n_layers > depth:
+        fail(f"--n_layers {cfg.n_layers}: the model has {depth} layers")
     # The reference ran the patched (eager) attention; the reference-precision mode follows it.
     model = load_model(cfg.model_dir, dtype=cfg.dtype, device=cfg.device, flag="MODEL_DIR",
                        attn_implementation="eager" if cfg.precision == "reference" else None)

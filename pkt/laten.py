@@ -33,8 +33,9 @@ from knowledge_translator import KnowledgeTranslator
 from modeling_llama_laten import Delta, fold, inject
 from pkt.attribution import PRECISIONS, locate
 from pkt.data import load_chat_jsonl, locate_ids, micro_batches
-from pkt.io import (append_jsonl, atomic_dir, check_model_path, check_output, default_device, default_dtype, fail,
-                    load_model, load_tokenizer, parse_list, save_model, scan_checkpoints, truncate_log)
+from pkt.io import (append_jsonl, atomic_dir, check_device, check_model_path, check_output, check_safetensors,
+                    default_device, default_dtype, fail, holds_run, last_good_checkpoint, load_model, load_tokenizer,
+                    non_finite, number_flag, parse_list, resolve_dtype, save_model, scan_checkpoints, truncate_log)
 from pkt.model import (MLP_MODULES, ROW_MODULES, TRANSFER_MODULES, Shape, attention_neuron_v_rows, decoder_layers,
                        linear, model_shape, parse_modules)
 
@@ -79,7 +80,8 @@ def load_pair(source_model, target_model, dtype=None, teacher_device=None, stude
     dtype = dtype or default_dtype(student_device)
     teacher = freeze(load_model(source_model, dtype=dtype, device=teacher_device, flag="--source_model"))
     student = freeze(load_model(target_model, dtype=dtype, device=student_device, flag="--target_model"))
-    return ModelPair(teacher, student, load_tokenizer(source_model), load_tokenizer(target_model), student_device)
+    return ModelPair(teacher, student, load_tokenizer(source_model, "--source_model"),
+                     load_tokenizer(target_model, "--target_model"), student_device)
 
 
 def enable_checkpointing(student) -> None:
@@ -310,7 +312,10 @@ def save_checkpoint(save_dir, step: int, translator, optimizer, scheduler, order
 def restore_checkpoint(ckpt: Path, translator, optimizer, scheduler, order: list[int]) -> int:
     """Load a checkpoint's translator, optimizer, scheduler and RNG states in place; returns the step to run
     next. The run must use the same example order (extract split and seed)."""
-    state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: torch raises RuntimeError / UnpicklingError / EOFError
+        fail(f"--resume {ckpt / TRAINER_STATE}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     if state.get("order") != order:
         fail(f"--resume {ckpt}: the run used another extract split or --seed (example order differs)")
     translator.load_state_dict(KnowledgeTranslator.load(ckpt).state_dict())
@@ -364,6 +369,23 @@ def _check_precision(precision: str) -> None:
         fail(f"--precision {precision}: expected {' or '.join(PRECISIONS)}")
 
 
+def _check_placement(cfg) -> None:
+    """--dtype, --teacher_device and --student_device of a LaTen stage."""
+    if cfg.dtype is not None:
+        resolve_dtype(cfg.dtype)
+    check_device(cfg.teacher_device, "--teacher_device")
+    check_device(cfg.student_device, "--student_device")
+
+
+def check_translator_finite(translator, step: int, save_dir, what: str = "weight") -> None:
+    """Stop training with a one-line error when the translator's gradients (`what="gradient"`) or weights hold
+    NaN/inf. Called before the step is saved, so the newest checkpoint stays the last good one."""
+    bad = non_finite({n: (p.grad if what == "gradient" else p) for n, p in translator.named_parameters()})
+    if bad:
+        fail(f"step {step}: translator {what} {bad[0]} has {bad[1]} non-finite value(s) (try a lower "
+             f"--learning_rate); stopped, {last_good_checkpoint(checkpoints(save_dir))}")
+
+
 @dataclass
 class TrainConfig:
     """Train the translator; writes <output_dir>/<translator_save_name>/checkpoint_<step>/ and train_log.jsonl.
@@ -409,7 +431,9 @@ class TrainConfig:
         if not isinstance(self.transfer_rate, (int, float)) or not 0 < float(self.transfer_rate) <= 1:
             fail(f"--transfer_rate {self.transfer_rate}: must be in (0, 1]")
         self.modules = parse_modules(self.lora_target_modules, "--lora_target_modules", TRANSFER_MODULES)
+        number_flag(self.learning_rate, "--learning_rate", 0, strict=True)
         _check_precision(self.precision)
+        _check_placement(self)
         if self.save_trainer_state not in ("last", "all"):
             fail(f"--save_trainer_state {self.save_trainer_state}: expected last or all")
         if int(self.micro_batch_size) < 1 or int(self.n_align) < 0 or int(self.cutoff_len) < 2:
@@ -420,12 +444,12 @@ class TrainConfig:
         check_model_path(self.target_model, "--target_model")
         self.save_dir = Path(self.output_dir) / str(self.translator_save_name)
         self.resume_from = resume_checkpoint(self.resume, self.save_dir)
-        if self.resume_from is None and not self.overwrite and (
-                checkpoints(self.save_dir) or (self.save_dir / "train_log.jsonl").exists()):
+        if self.resume_from is None and not self.overwrite and holds_run(self.save_dir, CHECKPOINT_SEP):
             fail(f"{self.save_dir} already holds a run: pass --resume True to continue it, --overwrite True to "
                  "start over, or another --translator_save_name")
-        # a run directory is continued or started over by design (above): check only that it is no input
-        check_output(self.save_dir, "--output_dir", overwrite=True, inputs={
+        # a run is continued or started over by design (above); anything else there needs --overwrite, and the
+        # run directory is never an input
+        check_output(self.save_dir, "--output_dir", self.overwrite or self.resume_from is not None, inputs={
             "--source_model": self.source_model, "--target_model": self.target_model,
             "--extract_data_path": self.extract_data_path, "--align_data_path": self.align_data_path})
 
@@ -478,10 +502,13 @@ def train(cfg: TrainConfig) -> str:
                                 cfg.train_on_inputs, cfg.use_chat_template, cfg.mask_first_response_token)
         stats = align_step(translator, knowledge, pair.student, s_sel, batches, cfg.skip_nan_steps, step,
                            reference_dtype(pair.student))
+        if not math.isfinite(stats["grad_norm"]):
+            check_translator_finite(translator, step, cfg.save_dir, "gradient")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        check_translator_finite(translator, step, cfg.save_dir)   # never checkpoint a non-finite state
         save_checkpoint(cfg.save_dir, step, translator, optimizer, scheduler, order,
                         keep_all_states=cfg.save_trainer_state == "all")
         append_jsonl(log_path, {
@@ -541,9 +568,12 @@ class TransferConfig:
             if not 0 < r <= 1:
                 fail(f"--transfer_rates: {r} must be in (0, 1]")
         _check_precision(self.precision)
+        _check_placement(self)
         for s in self.checkpoint_steps:
-            if not (self.checkpoint(s) / "translator.safetensors").is_file():
+            weights = self.checkpoint(s) / "translator.safetensors"
+            if not weights.is_file():
                 fail(f"--translator_checkpoints {self.translator_checkpoints}: no checkpoint_{s}/translator.safetensors")
+            check_safetensors(weights, "--translator_checkpoints")
         check_model_path(self.source_model, "--source_model")
         check_model_path(self.target_model, "--target_model")
         inputs = {"--source_model": self.source_model, "--target_model": self.target_model,
@@ -578,6 +608,10 @@ def transfer(cfg: TransferConfig) -> list[str]:
     translators = {s: KnowledgeTranslator.load(cfg.checkpoint(s), device=pair.device).eval()
                    for s in cfg.checkpoint_steps}
     for s, tr in translators.items():
+        bad = non_finite(tr)
+        if bad:
+            fail(f"--translator_checkpoints {cfg.checkpoint(s)}: {bad[0]} has {bad[1]} non-finite value(s) "
+                 "(a diverged run); nothing was saved")
         if (tr.d_T, tr.d_S) != (t_shape.hidden, s_shape.hidden):
             fail(f"checkpoint_{s}: translator maps {tr.d_T} -> {tr.d_S}, the models need "
                  f"{t_shape.hidden} -> {s_shape.hidden}")

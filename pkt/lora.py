@@ -28,8 +28,10 @@ import torch
 from tqdm import tqdm
 
 from pkt.data import IGNORE, collate_left, encode_finetune, load_chat_jsonl, task_split
-from pkt.io import (append_jsonl, atomic_dir, check_model_path, check_output, fail, load_model, load_tokenizer,
-                    resolve_dtype, save_model, save_tensors, scan_checkpoints, truncate_log, write_json)
+from pkt.io import (append_jsonl, atomic_dir, check_device, check_finite, check_model_path, check_output,
+                    check_safetensors, fail, holds_run, int_flag, last_good_checkpoint, load_model, load_tokenizer,
+                    non_finite, number_flag, read_json, resolve_dtype, save_model, save_tensors, scan_checkpoints,
+                    truncate_log, write_json)
 from pkt.model import ALL_MODULES, parse_modules
 
 log = logging.getLogger("pkt.lora")
@@ -47,9 +49,11 @@ def check_adapter_dir(path, flag: str) -> dict:
     missing = [f for f in ADAPTER_FILES if not (p / f).is_file()]
     if missing:
         fail(f"{flag} {path}: not a PEFT LoRA adapter directory (missing {', '.join(missing)})")
-    cfg = json.loads((p / "adapter_config.json").read_text())
-    if cfg.get("peft_type") != "LORA":
-        fail(f"{flag} {path}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+    cfg = read_json(p / "adapter_config.json", flag)
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        fail(f"{flag} {path}: peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}, "
+             "expected 'LORA'")
+    check_safetensors(p / ADAPTER_FILES[1], flag)
     return cfg
 
 
@@ -95,6 +99,8 @@ def save_adapter(peft_model, path, files: dict | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors (+ `files`: name -> JSON) written atomically. Only the
     LoRA factors are saved (save_embedding_layers=False): the base weights may be on the meta device."""
     r = peft_model.peft_config["default"].r
+    check_finite({n: t for n, t in peft_model.named_parameters() if "lora_" in n and t.device.type != "meta"},
+                 f"adapter for {path}")
     with atomic_dir(path) as tmp:
         peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
         (Path(tmp) / "README.md").unlink(missing_ok=True)   # peft's empty model card
@@ -251,8 +257,20 @@ class FinetuneConfig:
             check_adapter_dir(self.delta_path, "--delta_path")
         if int(self.batch_size) < 1 or int(self.micro_batch_size) < 1:
             fail("--batch_size and --micro_batch_size must be >= 1")
+        for flag, value, low in (("--num_epochs", self.num_epochs, 1), ("--cutoff_len", self.cutoff_len, 2),
+                                 ("--save_steps", self.save_steps, 0), ("--save_total_limit", self.save_total_limit, 1),
+                                 ("--lora_r", self.r, 1), ("--lora_alpha", self.alpha, 1)):
+            int_flag(value, flag, low)
+        int_flag(self.max_steps, "--max_steps", 1, allow_none=True)
+        number_flag(self.learning_rate, "--learning_rate", 0, strict=True)
+        number_flag(self.warmup_ratio, "--warmup_ratio", 0, high=1)
+        number_flag(self.lora_dropout, "--lora_dropout", 0, high=1, high_strict=True)
+        number_flag(self.weight_decay, "--weight_decay", 0)
+        number_flag(self.max_grad_norm, "--max_grad_norm", 0)
+        if self.dtype is not None:
+            resolve_dtype(self.dtype)
         out = Path(self.output_dir)
-        if not self.resume and not self.overwrite and (checkpoints(out) or (out / "train_log.jsonl").exists()):
+        if not self.resume and not self.overwrite and holds_run(out, CHECKPOINT_SEP, CHECKPOINT_MARKER):
             fail(f"--output_dir {self.output_dir} already holds a training run: pass --resume to continue it, "
                  "--overwrite True to start over, or choose another directory")
         # Only the first process refuses a non-empty directory: the others start while it may be writing there.
@@ -362,7 +380,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
     torch.manual_seed(cfg.seed)
 
     # ---- data: response-only labels, one fixed order per epoch (seed + epoch)
-    tokenizer = load_tokenizer(cfg.base_model)
+    tokenizer = load_tokenizer(cfg.base_model, "--base_model")
     examples = [encode_finetune(tokenizer, rec["messages"], int(cfg.cutoff_len), cfg.train_on_inputs,
                                 cfg.add_eos_token, cfg.add_bos) for rec in records]
     # An example whose response is cut off entirely by --cutoff_len has no loss (0/0 = NaN): drop it.
@@ -410,11 +428,15 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
         step, ck = done[-1]
         from safetensors.torch import load_file
 
+        check_safetensors(ck / "trainable.safetensors", "--resume")
         state = load_file(str(ck / "trainable.safetensors"))
         for n, p in trainable.items():
             p.data.copy_(state[n].to(p.device, p.dtype))
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location=acc.device, weights_only=True))
-        sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
+        try:
+            opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location=acc.device, weights_only=True))
+            sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
+        except Exception as e:  # a truncated file: RuntimeError / UnpicklingError / EOFError
+            fail(f"--resume {ck}: optimizer.pt / scheduler.pt unreadable ({str(e).splitlines()[0] if str(e) else e})")
         if acc.is_main_process:
             truncate_log(out / "train_log.jsonl", step + 1)
         acc.print(f"resumed from {ck} (step {step}/{total})")
@@ -444,13 +466,17 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
                 # As the Trainer: each micro-batch's mean loss / accum (DDP then averages over processes).
                 acc.backward(loss / accum)
             loss_sum += loss.detach()
-        if cfg.max_grad_norm:
-            acc.clip_grad_norm_(list(trainable.values()), float(cfg.max_grad_norm))
+        # Every process sees the same reduced loss and the same synced gradients, so all stop together.
+        mean_loss = (acc.reduce(loss_sum, reduction="sum") / (len(micro) * world)).item()
+        params = list(trainable.values())
+        grad_norm = float(acc.clip_grad_norm_(params, float(cfg.max_grad_norm)) if cfg.max_grad_norm else
+                          torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        _check_finite_step(step + 1, out, mean_loss, grad_norm, trainable)   # before the update
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        mean_loss = (acc.reduce(loss_sum, reduction="sum") / (len(micro) * world)).item()
+        _check_finite_step(step, out, weights=trainable)                     # never checkpoint a broken state
         rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
                "lr": sched.get_last_lr()[0]}
         logs.append(rec)
@@ -481,6 +507,22 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
             print(f"wrote {cfg.output_dir} (step {logs[-1]['step']}, loss {logs[-1]['loss']:.4f})")
     acc.wait_for_everyone()
     return logs
+
+
+def _check_finite_step(step: int, out: Path, loss: float = 0.0, grad_norm: float = 0.0, weights=None):
+    """Stop fine-tuning with a one-line error naming the step and the tensor when the loss, the gradient norm
+    or a trainable weight is NaN/inf; nothing of this step is saved, the newest checkpoint stays the good one."""
+    what = None
+    if not math.isfinite(loss):
+        what = f"non-finite loss {loss}"
+    elif not math.isfinite(grad_norm):
+        bad = non_finite({n: p.grad for n, p in (weights or {}).items()})
+        what = f"non-finite gradient norm {grad_norm}" + (f" ({bad[0]})" if bad else "")
+    elif weights is not None and (bad := non_finite(weights)):
+        what = f"weight {bad[0]} has {bad[1]} non-finite value(s) after the update"
+    if what:
+        fail(f"step {step}: {what} (try a lower --learning_rate); stopped, nothing of this step saved, "
+             f"{last_good_checkpoint(checkpoints(out))}")
 
 
 def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int):
@@ -518,6 +560,7 @@ class MergeConfig:
 
     def __post_init__(self):
         resolve_dtype(self.dtype)   # an unknown name is a one-line error
+        check_device(self.device, "--device")
         if self.save_dtype is not None and str(self.save_dtype) not in ("fp32", "fp16", "bf16", "float32", "float16",
                                                                         "bfloat16"):
             fail(f"--save_dtype {self.save_dtype!r}: expected fp32, fp16 or bf16 (or leave it out: the merge dtype)")
@@ -535,5 +578,5 @@ def merge(cfg: MergeConfig) -> None:
     model = merge_adapter(model, cfg.lora_path)
     if cfg.save_dtype is not None:
         model = model.to(resolve_dtype(cfg.save_dtype))
-    save_model(model, cfg.output_dir, load_tokenizer(cfg.base_model))
+    save_model(model, cfg.output_dir, load_tokenizer(cfg.base_model, "--base_model"))
     print(f"wrote {cfg.output_dir}")

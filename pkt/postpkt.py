@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from pkt.data import IGNORE, encode_chat, load_chat_jsonl, task_split
-from pkt.io import check_model_path, check_output, fail, load_model, load_tokenizer, meta_model
+from pkt.io import (check_device, check_model_path, check_output, fail, int_flag, load_model, load_tokenizer,
+                    meta_model, number_flag, resolve_dtype)
 from pkt.lora import extracted_adapter, save_adapter
 from pkt.model import ALL_MODULES, EMBED_MODULES, LINEAR_MODULES, parse_modules
 
@@ -324,6 +325,12 @@ class ExtractConfig:
             fail(f"--lora_r {self.lora_r}: must be >= 1")
         if self.num_examples is not None and int(self.num_examples) < 1:
             fail(f"--num_examples {self.num_examples}: must be >= 1")
+        int_flag(self.lora_alpha, "--lora_alpha", 1)
+        int_flag(self.cutoff_len, "--cutoff_len", 2)
+        number_flag(self.lora_dropout, "--lora_dropout", 0, high=1, high_strict=True)
+        resolve_dtype(self.dtype)
+        check_device(self.device, "--device")
+        check_device(self.accum_device, "--accum_device")
         check_model_path(self.source_model, "--source_model")
         check_model_path(self.target, self.target_flag)
         check_output(self.output_dir, "--output_dir", self.overwrite, inputs={
@@ -357,7 +364,7 @@ def extract(cfg: ExtractConfig) -> dict:
             fail(f"--lora_r {lora_r} exceeds the {b.shape[0]}x{b.shape[1]} block of {b.student}")
     del teacher_meta
 
-    tokenizer = load_tokenizer(cfg.source_model)
+    tokenizer = load_tokenizer(cfg.source_model, "--source_model")
     examples = [encode_chat(tokenizer, r["messages"], int(cfg.cutoff_len), cfg.add_bos) for r in records]
     teacher = load_model(cfg.source_model, dtype=cfg.dtype, device=cfg.device, flag="--source_model")
     if cfg.gradient_checkpointing:
