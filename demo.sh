@@ -94,8 +94,10 @@ done
 
 echo "== 7/7 table and figures"
 python compare.py --runs "$RUNS" --out "$FIGURES/demo_results.md" --png "$FIGURES/demo_scores.png" --overwrite True
-python analysis/plot_training.py --log "$OUT/knowledge_translator/demo/train_log.jsonl" --out_dir "$FIGURES"
-python analysis/plot_neurons.py --transfer_json "$LATEN_MODEL/laten_transfer.json" --out "$FIGURES/laten_neurons.png"
+python analysis/plot_training.py --log "$OUT/knowledge_translator/demo/train_log.jsonl" --out_dir "$FIGURES" \
+  --overwrite True
+python analysis/plot_neurons.py --transfer_json "$LATEN_MODEL/laten_transfer.json" --out "$FIGURES/laten_neurons.png" \
+  --overwrite True
 python analysis/similarity.py --teacher "$TEACHER" --student "$STUDENT" --data data/$TASK/${TASK}_extract_split.jsonl \
   --n_examples 16 --out_dir "$OUT/similarity"
 cp "$OUT/similarity/representation_similarity.png" "$FIGURES/similarity_representation.png"

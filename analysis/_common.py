@@ -1,24 +1,20 @@
-"""Shared plumbing for the figure scripts: Agg backend, JSON reading, atomic PNG writes."""
+"""Shared plumbing for the figure scripts: Agg backend, JSON reading, output checks, atomic PNG writes."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 
-from pkt.io import atomic_path, fail
+from pkt.io import atomic_path, check_output, fail, read_json  # noqa: F401  (fail, read_json: for the scripts)
 
 
-def read_json(path, what: str):
-    p = Path(path)
-    if not p.is_file():
-        fail(f"{what} {p}: no such file")
-    try:
-        return json.loads(p.read_text())
-    except ValueError as e:
-        fail(f"{what} {p}: not JSON ({e})")
+def check_figures(outputs, flag: str, overwrite: bool, inputs: dict) -> None:
+    """Refuse before any work: an existing figure / JSON unless --overwrite, and an output that is, contains
+    or lies inside an input."""
+    for out in outputs:
+        check_output(out, flag, overwrite, inputs)
 
 
 def save_fig(fig, out) -> str:

@@ -8,10 +8,12 @@ width) of the student; optional student_num_layers (rows to draw).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 try:
-    from analysis._common import fail, read_json, save_fig
+    from analysis._common import check_figures, fail, read_json, save_fig
 except ImportError:  # run as a script
-    from _common import fail, read_json, save_fig
+    from _common import check_figures, fail, read_json, save_fig
 
 
 def _panel(ax, layers, neurons, width, kind, color, n_layers=None):
@@ -54,13 +56,23 @@ def plot_neurons(record: dict, out) -> str:
     return save_fig(fig, out)
 
 
-def main(transfer_json: str, out: str = "figures/laten_neurons.png"):
-    """--transfer_json laten_transfer.json --out figures/laten_neurons.png"""
-    print(plot_neurons(read_json(transfer_json, "--transfer_json"), out))
-    return None
+@dataclass
+class NeuronsFigure:
+    """--transfer_json laten_transfer.json --out figures/laten_neurons.png (an existing --out is an error
+    unless --overwrite True)."""
+    transfer_json: str
+    out: str = "figures/laten_neurons.png"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_figures([self.out], "--out", self.overwrite, {"--transfer_json": self.transfer_json})
+
+
+def main(cfg: NeuronsFigure):
+    print(plot_neurons(read_json(cfg.transfer_json, "--transfer_json"), cfg.out))
 
 
 if __name__ == "__main__":
     from pkt.io import run_cli
 
-    run_cli(main)
+    run_cli(main, NeuronsFigure)

@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
-    from analysis._common import fail, read_json, save_fig
+    from analysis._common import check_figures, fail, read_json, save_fig
 except ImportError:  # run as a script: analysis/ is sys.path[0]
-    from _common import fail, read_json, save_fig
+    from _common import check_figures, fail, read_json, save_fig
 from pkt.data import load_jsonl
 
 LOSS_KEYS = ("loss", "lm_loss", "mse_loss")
@@ -94,27 +95,51 @@ def plot_layer_map(record: dict, out, teacher_layers: int | None = None, student
     return save_fig(fig, out)
 
 
-def main(log: str | None = None, out_dir: str = "figures", step: int | None = None,
-         transfer_json: str | None = None, teacher_layers: int | None = None, student_layers: int | None = None):
+@dataclass
+class TrainingFigures:
     """--log train_log.jsonl (loss curve + layer map at --step, default last) and/or --transfer_json
-    laten_transfer.json (layer map from it instead)."""
-    if not log and not transfer_json:
-        fail("give --log train_log.jsonl and/or --transfer_json laten_transfer.json")
-    out_dir = Path(out_dir)
+    laten_transfer.json (layer map from it instead). An existing figure in --out_dir is an error unless
+    --overwrite True."""
+    log: str | None = None
+    out_dir: str = "figures"
+    step: int | None = None
+    transfer_json: str | None = None
+    teacher_layers: int | None = None
+    student_layers: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        from pkt.io import int_flag
+
+        if not self.log and not self.transfer_json:
+            fail("give --log train_log.jsonl and/or --transfer_json laten_transfer.json")
+        int_flag(self.teacher_layers, "--teacher_layers", 1, allow_none=True)
+        int_flag(self.student_layers, "--student_layers", 1, allow_none=True)
+        check_figures(self.outputs(), "--out_dir", self.overwrite,
+                      {"--log": self.log, "--transfer_json": self.transfer_json})
+
+    def outputs(self) -> list[Path]:
+        out = Path(self.out_dir)
+        return ([out / "laten_training_loss.png"] if self.log else []) + [out / "laten_layer_map.png"]
+
+
+def main(cfg: TrainingFigures):
+    out_dir = Path(cfg.out_dir)
+    teacher_layers, student_layers = cfg.teacher_layers, cfg.student_layers
     written = []
     record, title = None, ""
-    if log:
-        rows = load_jsonl(log, require=("step",))
+    if cfg.log:
+        rows = load_jsonl(cfg.log, require=("step",))
         written.append(plot_loss(rows, out_dir / "laten_training_loss.png"))
         with_layers = [r for r in rows if any(r.get(k) for k in LAYER_KEYS)]
-        if step is not None:
-            with_layers = [r for r in with_layers if r.get("step") == step]
+        if cfg.step is not None:
+            with_layers = [r for r in with_layers if r.get("step") == cfg.step]
             if not with_layers:
-                fail(f"--step {step}: no log row with that step and layer lists")
+                fail(f"--step {cfg.step}: no log row with that step and layer lists")
         if with_layers:
             record, title = with_layers[-1], f"LaTen layer mapping (step {with_layers[-1].get('step')})"
-    if transfer_json:
-        record = read_json(transfer_json, "--transfer_json")
+    if cfg.transfer_json:
+        record = read_json(cfg.transfer_json, "--transfer_json")
         title = "LaTen layer mapping (transfer)"
         teacher_layers = teacher_layers or record.get("teacher_num_layers")
         student_layers = student_layers or record.get("student_num_layers")
@@ -122,10 +147,9 @@ def main(log: str | None = None, out_dir: str = "figures", step: int | None = No
         written.append(plot_layer_map(record, out_dir / "laten_layer_map.png", teacher_layers, student_layers, title))
     for w in written:
         print(w)
-    return None
 
 
 if __name__ == "__main__":
     from pkt.io import run_cli
 
-    run_cli(main)
+    run_cli(main, TrainingFigures)

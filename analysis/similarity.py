@@ -11,12 +11,13 @@ one model plus the collected hidden states. Nothing is written until everything 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
-    from analysis._common import fail, save_fig
+    from analysis._common import check_figures, fail, save_fig
 except ImportError:  # run as a script: analysis/ is sys.path[0]
-    from _common import fail, save_fig
+    from _common import check_figures, fail, save_fig
 
 ANALYSES = ("representation", "parametric")
 
@@ -88,56 +89,83 @@ def plot_parametric(record: dict, out) -> str:
 
 
 # ----------------------------------------------------------------------------------------- main
-def main(teacher: str, student: str, data: str, out_dir: str = "figures/similarity", n_examples: int = 16,
-         max_len: int = 256, batch_size: int = 4, positions: str = "all", max_tokens: int = 4096,
-         skip_first: int = 1, vocab_rows: int = 2048, modules="up_proj,down_proj,v_proj,o_proj",
-         analyses="representation,parametric", dtype: str = "auto", device: str | None = None, seed: int = 0):
-    """Write representation_similarity.{json,png} and parametric_similarity.{json,png} to --out_dir.
+@dataclass
+class SimilarityConfig:
+    """Write representation_similarity.{json,png} and parametric_similarity.{json,png} to --out_dir (an
+    existing one of them is an error unless --overwrite True).
 
-    Args:
-        teacher: the larger model (HF directory or hub id); rows of every matrix.
-        student: the smaller model; columns. Same tokenizer for --positions all and for parametric.
-        data: chat JSONL ({"messages": [...]}); the first --n_examples records are read.
-        out_dir: where the four files go (written only once everything is computed).
-        n_examples: examples whose chat text (prompt + response) is run through both models.
-        max_len: tokens per example (truncated beyond).
-        batch_size: examples per forward pass.
-        positions: 'all' (every token, pooled) or 'last' (each example's last token).
-        max_tokens: with 'all', a seeded uniform subset of this many tokens (0: every token).
-        skip_first: with 'all', drop each example's first tokens (the attention sink's massive activations).
-        vocab_rows: vocabulary tokens (seeded uniform sample) through which weights are read.
-        modules: comma-separated, of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
-        analyses: 'representation', 'parametric' or both (comma-separated).
-        dtype: model dtype (auto = as saved, fp32, fp16, bf16); CKA is always computed in fp32.
-        device: default cuda when available, else cpu.
-        seed: for the token and vocabulary samples.
+    --teacher: the larger model (HF directory or hub id); rows of every matrix.
+    --student: the smaller model; columns. Same tokenizer for --positions all and for parametric.
+    --data: chat JSONL ({"messages": [...]}); the first --n_examples records are read.
+    --out_dir: where the four files go (written only once everything is computed).
+    --n_examples: examples whose chat text (prompt + response) is run through both models.
+    --max_len: tokens per example (truncated beyond). --batch_size: examples per forward pass.
+    --positions: 'all' (every token, pooled) or 'last' (each example's last token).
+    --max_tokens: with 'all', a seeded uniform subset of this many tokens (0: every token).
+    --skip_first: with 'all', drop each example's first tokens (the attention sink's massive activations).
+    --vocab_rows: vocabulary tokens (seeded uniform sample) through which weights are read.
+    --modules: comma-separated, of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
+    --analyses: 'representation', 'parametric' or both (comma-separated).
+    --dtype: model dtype (auto = as saved, fp32, fp16, bf16); CKA is always computed in fp32.
+    --device: default cuda when available, else cpu. --seed: for the token and vocabulary samples.
     """
+    teacher: str
+    student: str
+    data: str
+    out_dir: str = "figures/similarity"
+    n_examples: int = 16
+    max_len: int = 256
+    batch_size: int = 4
+    positions: str = "all"
+    max_tokens: int = 4096
+    skip_first: int = 1
+    vocab_rows: int = 2048
+    modules: str = "up_proj,down_proj,v_proj,o_proj"
+    analyses: str = "representation,parametric"
+    dtype: str = "auto"
+    device: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+    module_list: list = field(init=False, repr=False)      # modules, parsed
+    analysis_list: list = field(init=False, repr=False)    # analyses, parsed
+
+    def __post_init__(self):
+        from pkt import similarity as sim
+        from pkt.io import check_device, check_model_path, int_flag, parse_list, resolve_dtype
+        from pkt.model import LINEAR_MODULES, parse_modules
+
+        for flag, low in (("n_examples", 2), ("max_len", 2), ("batch_size", 1), ("max_tokens", 0),
+                          ("vocab_rows", 2), ("skip_first", 0), ("seed", 0)):
+            int_flag(getattr(self, flag), f"--{flag}", low)
+        if self.positions not in sim.POSITIONS:
+            fail(f"--positions {self.positions!r}: expected one of {', '.join(sim.POSITIONS)}")
+        self.module_list = parse_modules(self.modules, "--modules", LINEAR_MODULES)
+        self.analysis_list = parse_list(self.analyses, "--analyses", choices=ANALYSES)
+        resolve_dtype(self.dtype)
+        check_device(self.device, "--device")
+        check_model_path(self.teacher, "--teacher")
+        check_model_path(self.student, "--student")
+        check_figures([Path(self.out_dir) / f"{a}_similarity.{ext}" for a in self.analysis_list
+                       for ext in ("json", "png")], "--out_dir", self.overwrite,
+                      {"--teacher": self.teacher, "--student": self.student, "--data": self.data})
+
+
+def main(cfg: SimilarityConfig):
+    """Both analyses of `cfg`; nothing is written until every figure is drawn."""
     import torch
 
     from pkt import similarity as sim
     from pkt.data import load_chat_jsonl
-    from pkt.io import (check_model_path, default_device, int_flag, load_model, load_tokenizer, parse_list,
-                        resolve_dtype, write_json)
-    from pkt.model import LINEAR_MODULES, parse_modules
+    from pkt.io import default_device, load_model, load_tokenizer, write_json
 
-    n_examples = int_flag(n_examples, "--n_examples", 2)
-    max_len = int_flag(max_len, "--max_len", 2)
-    batch_size = int_flag(batch_size, "--batch_size", 1)
-    max_tokens = int_flag(max_tokens, "--max_tokens", 0)          # 0: every token
-    vocab_rows = int_flag(vocab_rows, "--vocab_rows", 2)
-    skip_first = int_flag(skip_first, "--skip_first", 0)
-    seed = int_flag(seed, "--seed", 0)
-    if positions not in sim.POSITIONS:
-        fail(f"--positions {positions!r}: expected one of {', '.join(sim.POSITIONS)}")
-    modules = parse_modules(modules, "--modules", LINEAR_MODULES)
-    analyses = parse_list(analyses, "--analyses", choices=ANALYSES)
-    resolve_dtype(dtype)
-    check_model_path(teacher, "--teacher")
-    check_model_path(student, "--student")
+    teacher, student, data, positions, seed = cfg.teacher, cfg.student, cfg.data, cfg.positions, cfg.seed
+    n_examples, max_len, batch_size, dtype = cfg.n_examples, cfg.max_len, cfg.batch_size, cfg.dtype
+    max_tokens, skip_first, vocab_rows = cfg.max_tokens, cfg.skip_first, cfg.vocab_rows
+    modules, analyses, device, out_dir = cfg.module_list, cfg.analysis_list, cfg.device, cfg.out_dir
     records = load_chat_jsonl(data)[:n_examples] if "representation" in analyses else []
     if "representation" in analyses and len(records) < 2:
         fail(f"--data {data}: needs at least 2 examples")
-    tok_t, tok_s = load_tokenizer(teacher), load_tokenizer(student)
+    tok_t, tok_s = load_tokenizer(teacher, "--teacher"), load_tokenizer(student, "--student")
     if "parametric" in analyses and tok_t.get_vocab() != tok_s.get_vocab():
         fail("--analyses parametric needs teacher and student to share one vocabulary (tokenizer)")
     device = device or default_device()
@@ -197,10 +225,9 @@ def main(teacher: str, student: str, data: str, out_dir: str = "figures/similari
         write_json(out_dir / f"{name}.json", rec, indent=None)
         print(save_fig(fig, out_dir / f"{name}.png"))
     print(f"{time.time() - t0:.1f} s")
-    return None
 
 
 if __name__ == "__main__":
     from pkt.io import run_cli
 
-    run_cli(main)
+    run_cli(main, SimilarityConfig)

