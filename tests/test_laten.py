@@ -103,20 +103,26 @@ def test_training_lowers_loss_student_frozen(trained, teacher_dir, student_dir, 
     assert after < before - 0.02, (before, after)
 
 
-def test_resume_matches_uninterrupted(trained, teacher_dir, student_dir, data, tmp_path):
+@pytest.mark.parametrize("log", ["whole", "torn"])
+def test_resume_matches_uninterrupted(trained, teacher_dir, student_dir, data, tmp_path, log, caplog):
     save_dir, _ = trained
     k = 2
     part = tmp_path / "toy"
     part.mkdir()
     for s in range(k + 1):
         shutil.copytree(save_dir / f"checkpoint_{s}", part / f"checkpoint_{s}")
-    # the full log, as if the run died after writing it: lines of steps > k are dropped on resume
-    shutil.copy(save_dir / "train_log.jsonl", part / "train_log.jsonl")
+    if log == "whole":   # as if the run died after writing it: lines of steps > k are dropped on resume
+        shutil.copy(save_dir / "train_log.jsonl", part / "train_log.jsonl")
+    else:                # killed while writing step k+1's line (or the disk filled up): half a line is left
+        lines = (save_dir / "train_log.jsonl").read_text().splitlines(keepends=True)
+        (part / "train_log.jsonl").write_text("".join(lines[:k + 1]) + lines[k + 1][:len(lines[k + 1]) // 2])
     with pytest.raises(PKTError, match="already holds a run"):
         _train(teacher_dir, student_dir, data, tmp_path)
     random.seed(123)        # the draws are re-derived from --seed, whatever the global RNGs hold
     np.random.seed(123)
-    _train(teacher_dir, student_dir, data, tmp_path, resume=True)
+    with caplog.at_level(logging.WARNING):
+        _train(teacher_dir, student_dir, data, tmp_path, resume=True)
+    assert ("torn last line dropped" in caplog.text) == (log == "torn")
     a = KnowledgeTranslator.load(save_dir / f"checkpoint_{STEPS - 1}").state_dict()
     b = KnowledgeTranslator.load(part / f"checkpoint_{STEPS - 1}").state_dict()
     for name in a:

@@ -259,7 +259,8 @@ def test_finetune_lowers_loss_and_logs(trained, extracted, student_dir, tokenize
     assert after < before - 0.05, (before, after)
 
 
-def test_finetune_resume_reproduces_run(trained, extracted, student_dir, tmp_path):
+@pytest.mark.parametrize("log", ["whole", "torn"])
+def test_finetune_resume_reproduces_run(trained, extracted, student_dir, tmp_path, log, caplog):
     from safetensors.torch import load_file
 
     from pkt.lora import finetune
@@ -267,14 +268,20 @@ def test_finetune_resume_reproduces_run(trained, extracted, student_dir, tmp_pat
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(trained["out"] / "checkpoint-2", out / "checkpoint-2")
-    shutil.copy(trained["out"] / "train_log.jsonl", out / "train_log.jsonl")
+    if log == "whole":
+        shutil.copy(trained["out"] / "train_log.jsonl", out / "train_log.jsonl")
+    else:                # killed while writing step 3's line: half a line is left
+        lines = (trained["out"] / "train_log.jsonl").read_text().splitlines(keepends=True)
+        (out / "train_log.jsonl").write_text("".join(lines[:2]) + lines[2][:len(lines[2]) // 2])
     with pytest.raises(PKTError, match="--resume"):
         finetune(FinetuneConfig(student_dir, out, data_path=trained["data"], delta_path=extracted["delta"],
                                 lora_init_path=extracted["lora"]))
-    logs = finetune(FinetuneConfig(student_dir, out, data_path=trained["data"], delta_path=extracted["delta"],
-                                   lora_init_path=extracted["lora"], num_epochs=1, learning_rate=2e-3, batch_size=4,
-                                   micro_batch_size=2, cutoff_len=128, save_steps=2, seed=3, resume=True),
-                    progress=False)
+    with caplog.at_level("WARNING"):
+        logs = finetune(FinetuneConfig(student_dir, out, data_path=trained["data"], delta_path=extracted["delta"],
+                                       lora_init_path=extracted["lora"], num_epochs=1, learning_rate=2e-3,
+                                       batch_size=4, micro_batch_size=2, cutoff_len=128, save_steps=2, seed=3,
+                                       resume=True), progress=False)
+    assert ("torn last line dropped" in caplog.text) == (log == "torn")
     assert [r["step"] for r in logs] == [3, 4]
     lines = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert lines == [1, 2, 3, 4]
