@@ -191,7 +191,7 @@ def test_cli_flags_are_typed_and_errors_are_one_line(tmp_path, student_dir, data
     r = _cli("--teacher", tmp_path / "nope", "--student", student_dir, "--data_path", data,
              "--output_dir", tmp_path / "out", "--max_steps", "2.5", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --max_steps 2.5: expected an integer"]
-    with pytest.raises(PKTError, match="--teacher .*nope: no config.json"):
+    with pytest.raises(PKTError, match="--teacher .*nope: no such directory"):
         distill(DistillConfig(teacher=str(tmp_path / "nope"), student=student_dir, output_dir=str(tmp_path / "out"),
                               data_path=data))
     assert not (tmp_path / "out").exists()
