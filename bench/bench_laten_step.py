@@ -137,38 +137,18 @@ def bench(device="cpu", steps=None, n_align=None, seq=None, transfer_rate=0.1, m
 
 # ------------------------------------------------------------------------------------------ dry run
 def memory_plan(seq=768, n_layers_student=None, transfer_rate=0.1, micro_batch_size=1, vocab=32000):
-    """GB per item at Llama-2 13B -> 7B on one GPU, params from meta-device models, the rest by formula."""
+    """GB per item at Llama-2 13B -> 7B on one GPU (`pkt.laten.memory_plan`), params from meta-device models."""
     from transformers import LlamaForCausalLM
+
+    from pkt.laten import memory_plan as laten_plan
+    from pkt.model import model_shape
 
     with torch.device("meta"):
         teacher = LlamaForCausalLM(config(LLAMA2["13b"], vocab))
         student = LlamaForCausalLM(config(LLAMA2["7b"], vocab))
-        translator = KnowledgeTranslator(LLAMA2["13b"]["hidden_size"], LLAMA2["7b"]["hidden_size"])
-    n_t = sum(p.numel() for p in teacher.parameters())
-    n_s = sum(p.numel() for p in student.parameters())
-    n_tr = sum(p.numel() for p in translator.parameters())
-    d_T, d_S = LLAMA2["13b"]["hidden_size"], LLAMA2["7b"]["hidden_size"]
-    L, ffn = LLAMA2["7b"]["num_hidden_layers"], LLAMA2["7b"]["intermediate_size"]
-    ffn_k, attn_k = int(ffn * transfer_rate), int(d_S * transfer_rate)
-    rows_k = L * (2 * ffn_k + 2 * attn_k)          # translated vectors per step: up, down, v, o
-    T, B = seq, micro_batch_size
-    plan = [
-        ("teacher params (bf16)", n_t * 2, f"{n_t / 1e9:.2f} B params"),
-        ("student params (bf16)", n_s * 2, f"{n_s / 1e9:.2f} B params"),
-        ("translator params (fp32)", n_tr * 4, f"{n_tr / 1e6:.1f} M = 4 x ({d_T}x{d_T} + {d_T}x{d_S})"),
-        ("translator grads (fp32)", n_tr * 4, ""),
-        ("AdamW exp_avg + exp_avg_sq (fp32)", n_tr * 8, ""),
-        ("teacher slices (bf16 + fp32 copy)", rows_k * d_T * 6, f"{rows_k} vectors of {d_T}"),
-        ("translator activations (fp32)", rows_k * d_T * 4, "ReLU output kept for backward"),
-        ("translated (shared with detached leaves) + leaf grads (fp32)", rows_k * d_S * 4 * 2,
-         f"{rows_k} vectors of {d_S}"),
-        ("translator backward transients (fp32)", rows_k * d_T * 4, "grad of the ReLU output"),
-        ("student activations, checkpointed (bf16)", L * B * T * d_S * 2, f"{L} layer inputs of {B}x{T}x{d_S}"),
-        ("one recomputed student layer (bf16)", B * T * (6 * d_S + 4 * ffn) * 2, "q,k,v,o,norms + gate,up,act,prod"),
-        ("logits + fp32 loss + grad", B * T * vocab * (2 + 4 + 4), f"{B}x{T}x{vocab}"),
-        ("locate: fp32 lm_head copy + score chunk", vocab * d_T * 4 + 3 * (1 << 26) * 4, "pkt.attribution"),
-    ]
-    return plan
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    return laten_plan(model_shape(teacher), model_shape(student), n(teacher), n(student), seq=seq,
+                      transfer_rate=transfer_rate, micro_batch_size=micro_batch_size)
 
 
 def print_plan(plan, budget_gb=75.0):

@@ -94,9 +94,9 @@ def make_readout(model, tr: Trace, targets: torch.Tensor, precision: str = "fp32
         fail(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     y = tr.y.float()
     sigma = torch.sqrt(y.var(-1, unbiased=False) + 1e-5)
-    W_U = model.lm_head.weight.detach()
+    W_U = model.lm_head.weight.detach().to(y.device)     # y: on the model's main device (placed models)
     W_U = W_U.half() if precision == "reference" else W_U.float()        # one copy, reused by every score
-    return Readout(g=model.model.norm.weight.detach().float(), W_U=W_U, s=(sigma + 1e-6) ** -0.5,
+    return Readout(g=model.model.norm.weight.detach().to(y.device, torch.float32), W_U=W_U, s=(sigma + 1e-6) ** -0.5,
                    targets=targets.to(y.device), precision=precision)
 
 
@@ -150,7 +150,7 @@ def neuron_scores(ro: Readout, base: torch.Tensor, coef: torch.Tensor, cols: tor
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         c = coef[:, lo:hi].float()                                            # [B, k]
-        w = cols[:, lo:hi].float().T                                          # [k, d]
+        w = cols[:, lo:hi].to(base.device, torch.float32).T                   # [k, d] (placed: layer's device)
         if ro.precision == "fp32":
             with _tf32(TF32):
                 P = (w * ro.g) @ ro.W_U.T                               # [k, V], shared by examples

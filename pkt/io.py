@@ -640,12 +640,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path, dtype="auto", device=None, flag="--model", attn_implementation=None):
+def load_model(name_or_path, dtype="auto", device=None, flag="--model", attn_implementation=None, max_memory=None):
     """AutoModelForCausalLM in `dtype` ('auto' = as saved; None = `default_dtype(device)`) on `device`
-    (default: CUDA when present)."""
+    (default: CUDA when present). `device="auto"`: placed across the visible GPUs (the CPU as a last resort)
+    by `pkt.placement.load_auto`, within `max_memory` (accelerate's per-device budget) when given."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name_or_path, flag)
+    if device == "auto":
+        from pkt.placement import load_auto
+
+        return load_auto(name_or_path, dtype, max_memory, attn_implementation)
     device = device or default_device()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _loading(name_or_path, flag):

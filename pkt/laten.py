@@ -76,14 +76,70 @@ def freeze(model):
 
 
 def load_pair(source_model, target_model, dtype=None, teacher_device=None, student_device=None) -> ModelPair:
-    """Teacher and student loaded frozen, both in `dtype` (None: `default_dtype` of the student's device)."""
+    """Teacher and student loaded frozen, both in `dtype` (None: `default_dtype` of the student's device).
+    `teacher_device="auto"`: the teacher is placed across the visible GPUs (`pkt.placement`), leaving room on
+    the student's GPU (default: the first) for the student and the translator's training (`memory_plan`)."""
     teacher_device = teacher_device or default_device()
-    student_device = student_device or teacher_device
+    student_device = student_device or (default_device() if teacher_device == "auto" else teacher_device)
     dtype = dtype or default_dtype(student_device)
-    teacher = freeze(load_model(source_model, dtype=dtype, device=teacher_device, flag="--source_model"))
+    budget = teacher_budget(source_model, target_model, dtype, student_device) if teacher_device == "auto" else None
+    teacher = freeze(load_model(source_model, dtype=dtype, device=teacher_device, flag="--source_model",
+                                max_memory=budget))
     student = freeze(load_model(target_model, dtype=dtype, device=student_device, flag="--target_model"))
     return ModelPair(teacher, student, load_tokenizer(source_model, "--source_model"),
                      load_tokenizer(target_model, "--target_model"), student_device)
+
+
+def memory_plan(teacher_shape: Shape, student_shape: Shape, teacher_params: int, student_params: int, seq: int = 768,
+                transfer_rate: float = 0.1, micro_batch_size: int = 1, weight_bytes: int = 2,
+                n_modules: int = len(TRANSFER_MODULES)) -> list[tuple[str, int, str]]:
+    """(item, bytes, note) of one training step on the student's device, by formula from the shapes (params
+    counted on meta-device models by the caller): weights in `weight_bytes`, the translator fp32 + AdamW,
+    the translated slices, the checkpointed student's activations and the locate read-out."""
+    d_T, d_S, L, ffn, V = (teacher_shape.hidden, student_shape.hidden, student_shape.layers, student_shape.ffn,
+                           student_shape.vocab)
+    n_tr = n_modules * (d_T * d_T + d_T * d_S)
+    ffn_k, attn_k = int(ffn * transfer_rate), int(d_S * transfer_rate)
+    rows_k = L * (2 * ffn_k + 2 * attn_k)          # translated vectors per step: up, down, v, o
+    T, B = seq, micro_batch_size
+    w = {2: "bf16", 4: "fp32"}.get(weight_bytes, f"{weight_bytes} B")
+    return [
+        (f"teacher params ({w})", teacher_params * weight_bytes, f"{teacher_params / 1e9:.2f} B params"),
+        (f"student params ({w})", student_params * weight_bytes, f"{student_params / 1e9:.2f} B params"),
+        ("translator params (fp32)", n_tr * 4, f"{n_tr / 1e6:.1f} M = {n_modules} x ({d_T}x{d_T} + {d_T}x{d_S})"),
+        ("translator grads (fp32)", n_tr * 4, ""),
+        ("AdamW exp_avg + exp_avg_sq (fp32)", n_tr * 8, ""),
+        (f"teacher slices ({w} + fp32 copy)", rows_k * d_T * (weight_bytes + 4), f"{rows_k} vectors of {d_T}"),
+        ("translator activations (fp32)", rows_k * d_T * 4, "ReLU output kept for backward"),
+        ("translated (shared with detached leaves) + leaf grads (fp32)", rows_k * d_S * 4 * 2,
+         f"{rows_k} vectors of {d_S}"),
+        ("translator backward transients (fp32)", rows_k * d_T * 4, "grad of the ReLU output"),
+        (f"student activations, checkpointed ({w})", L * B * T * d_S * weight_bytes,
+         f"{L} layer inputs of {B}x{T}x{d_S}"),
+        (f"one recomputed student layer ({w})", B * T * (6 * d_S + 4 * ffn) * weight_bytes,
+         "q,k,v,o,norms + gate,up,act,prod"),
+        ("logits + fp32 loss + grad", B * T * V * (weight_bytes + 4 + 4), f"{B}x{T}x{V}"),
+        ("locate: fp32 lm_head copy + score chunk", teacher_shape.vocab * d_T * 4 + 3 * (1 << 26) * 4,
+         "pkt.attribution"),
+    ]
+
+
+def teacher_budget(source_model, target_model, dtype, student_device) -> dict:
+    """accelerate's max_memory for a teacher placed with `--teacher_device auto`: every visible GPU, less the
+    student's share of its GPU (weights + one training step at `memory_plan`'s defaults), and the CPU."""
+    from pkt import placement
+    from pkt.io import meta_model
+
+    gpus = placement.visible_gpus()
+    idx = placement.device_index(student_device)
+    if idx is None or idx not in gpus:
+        return placement.max_memory(gpus, placement.free_cpu_memory())
+    teacher, student = meta_model(source_model, "--source_model"), meta_model(target_model, "--target_model")
+    size = placement.element_size(dtype)
+    items = memory_plan(model_shape(teacher), model_shape(student), sum(p.numel() for p in teacher.parameters()),
+                        sum(p.numel() for p in student.parameters()), weight_bytes=size)
+    reserve = sum(b for name, b, _ in items if not name.startswith("teacher params"))
+    return placement.max_memory(gpus, placement.free_cpu_memory(), reserve={idx: reserve})
 
 
 def enable_checkpointing(student) -> None:
@@ -175,9 +231,10 @@ def extract(model, selection, modules, shape: Shape | None = None, device=None) 
         slices = []
         for i, layer in enumerate(layers):
             w = linear(model, layer, m).weight
+            device = device or w.device   # a placed teacher (--teacher_device auto) spans devices: gather on one
             index = _index(shape, m, neurons[i]).to(w.device)
-            slices.append(w.index_select(0 if m in ROW_MODULES else 1, index))
-        out[m] = torch.stack(slices).to(device or slices[0].device, copy=True)
+            slices.append(w.index_select(0 if m in ROW_MODULES else 1, index).to(device))
+        out[m] = torch.stack(slices)      # index_select and stack copy: detached from the weights
     return out
 
 
@@ -450,6 +507,8 @@ class TrainConfig:
     --dtype defaults to bf16 on CUDA, fp32 elsewhere (fp16: the reference's numerics, translator output cast to
     fp16); --gradient_checkpointing to on when the student is on CUDA. --mask_first_response_token True (the
     reference) masks the first response token's label as well; False supervises the whole response.
+    --teacher_device auto places a teacher larger than one GPU across the visible GPUs (the CPU as a last
+    resort), leaving room for the student on --student_device (default: the first GPU); see docs/gpu.md.
     """
     source_model: str = "meta-llama/Llama-2-13b-chat-hf"
     target_model: str = "meta-llama/Llama-2-7b-chat-hf"
@@ -605,6 +664,7 @@ class TransferConfig:
     --transfer_rates / --steps: lists ('[0.1,0.3]' or 0.1,0.3); the defaults are the reference script's ([0.1],
     [0]). --locate_with_bos True (the reference's inference tokenizer) locates on BOS + text; False on the
     text alone, as training does. An existing output is an error unless --overwrite.
+    --teacher_device auto places the teacher across the visible GPUs (see train's help and docs/gpu.md).
     """
     source_model: str = "meta-llama/Llama-2-13b-chat-hf"
     target_model: str = "meta-llama/Llama-2-7b-chat-hf"
