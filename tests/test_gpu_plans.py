@@ -4,6 +4,8 @@ extract and sensitivity on a dispatched teacher), the meta-device plans for Llam
 from __future__ import annotations
 
 import copy
+import json
+import os
 import subprocess
 
 import pytest
@@ -159,3 +161,46 @@ def test_gpu_check_dry_run_prints_every_part_with_memory_and_time_caps():
     assert cap <= 8 * 60
     assert "llama-2-70b" in out and "2 x" in out and "4 x" in out       # the placement plans
     assert (ROOT / "bench" / "RESULTS.md").read_text() == results            # a dry run writes nothing
+
+
+# ------------------------------------------------------------------------------ multi-process fine-tuning
+def test_processes_share_out_the_one_process_steps_micro_batch_for_micro_batch():
+    """N processes at the same global batch run, per optimizer step, exactly the one-process step's
+    micro-batches between them (accelerate's BatchSamplerShard deals the epoch's micro-batches round-robin):
+    with each micro-batch's mean loss / accumulation steps and DDP's average, the same objective."""
+    from pkt.lora import trainer_steps
+
+    one = trainer_steps(64, 2, 8, 2, seed=1)                    # global batch 16 = 2 x 8 micro-batches
+    for world in (2, 4):
+        shards = [trainer_steps(64, 2, 8 // world, 2, seed=1, world=world, rank=r) for r in range(world)]
+        assert all(len(s) == len(one) for s in shards)
+        for k, step in enumerate(one):
+            assert sorted(tuple(mb) for s in shards for _, mb in s[k]) == sorted(tuple(mb) for _, mb in step)
+
+
+@pytest.mark.slow   # two torchrun processes + one plain run: ~45 s on 2 shared cores
+def test_two_process_finetune_gives_the_one_process_adapter(student_dir, chat_jsonl, tmp_path):
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = chat_jsonl("ft_ddp.jsonl", n=8, seed=5)
+    flags = ["--base_model", student_dir, "--data_path", data, "--batch_size", "4", "--micro_batch_size", "2",
+             "--max_steps", "2", "--lora_dropout", "0", "--cutoff_len", "64", "--lora_target_modules",
+             "q_proj,v_proj"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "finetune.py", *flags, "--output_dir", str(tmp_path / "one")], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "finetune.py", *flags, "--output_dir", str(tmp_path / "two")], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert "2 process(es) x 2 x 1" in two.stdout + two.stderr                   # really two gloo processes
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+    log = lambda d: [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log(tmp_path / "one")] == pytest.approx([r["loss"] for r in log(tmp_path / "two")],
+                                                                       abs=1e-6)
