@@ -252,7 +252,7 @@ def part_placement(out: Path) -> None:
         where = "; ".join(f"{'cuda:%s' % r['device'] if r['device'] != 'cpu' else 'cpu'} layers "
                           f"{placement._layers(r)} {_gib(r['bytes'])}" for r in p["rows"])
         emit(out, f"- plan, Llama-2-70B -> 13B (LaTen) on {n} x 80 GB: {where}; student + translator training "
-                  f"reserve {_gib(p['reserve'][0])} on cuda:0; {p['cpu_layers']} teacher layers on the CPU")
+                  f"reserve {_gib(p['rows'][0]['also'])} on cuda:0; {p['cpu_layers']} teacher layers on the CPU")
     tmp = Path(tempfile.mkdtemp())
     path = save_model(make_llama(hidden=96, ffn=256, layers=4, heads=4, seed=1), make_tokenizer(), tmp / "teacher")
     plain = load_model(path, "fp32", DEVICE)

@@ -124,22 +124,26 @@ def memory_plan(teacher_shape: Shape, student_shape: Shape, teacher_params: int,
     ]
 
 
+def student_reserve(teacher, student, weight_bytes: int = 2) -> int:
+    """Bytes the student's GPU keeps for the student and one translator training step (`memory_plan` at its
+    defaults) when the teacher is placed with `--teacher_device auto` (`teacher`, `student`: meta models)."""
+    items = memory_plan(model_shape(teacher), model_shape(student), sum(p.numel() for p in teacher.parameters()),
+                        sum(p.numel() for p in student.parameters()), weight_bytes=weight_bytes)
+    return sum(b for name, b, _ in items if not name.startswith("teacher params"))
+
+
 def teacher_budget(source_model, target_model, dtype, student_device) -> dict:
-    """accelerate's max_memory for a teacher placed with `--teacher_device auto`: every visible GPU, less the
-    student's share of its GPU (weights + one training step at `memory_plan`'s defaults), and the CPU."""
+    """accelerate's max_memory for a teacher placed with `--teacher_device auto`: every visible GPU (less the
+    `student_reserve` on the student's) and the CPU."""
     from pkt import placement
     from pkt.io import meta_model
 
-    gpus = placement.visible_gpus()
-    idx = placement.device_index(student_device)
-    if idx is None or idx not in gpus:
-        return placement.max_memory(gpus, placement.free_cpu_memory())
-    teacher, student = meta_model(source_model, "--source_model"), meta_model(target_model, "--target_model")
-    size = placement.element_size(dtype)
-    items = memory_plan(model_shape(teacher), model_shape(student), sum(p.numel() for p in teacher.parameters()),
-                        sum(p.numel() for p in student.parameters()), weight_bytes=size)
-    reserve = sum(b for name, b, _ in items if not name.startswith("teacher params"))
-    return placement.max_memory(gpus, placement.free_cpu_memory(), reserve={idx: reserve})
+    gpus, idx = placement.visible_gpus(), placement.device_index(student_device)
+    reserve = {}
+    if idx in gpus:
+        reserve[idx] = student_reserve(meta_model(source_model, "--source_model"),
+                                       meta_model(target_model, "--target_model"), placement.element_size(dtype))
+    return placement.max_memory(gpus, placement.free_cpu_memory(), reserve=reserve)
 
 
 def enable_checkpointing(student) -> None:

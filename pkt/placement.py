@@ -191,9 +191,11 @@ def _config_model(name: str):
 
 @dataclass
 class PlanConfig:
-    """Print where `--teacher_device auto` would put --source_model with the student of --pipeline on GPU 0,
-    from meta-device models: --gpus GPUs of --gpu_memory each (default: the visible ones) and --cpu_memory
-    of RAM. Models: a Llama-2 shape name (llama-2-7b, llama-2-13b, llama-2-70b) or a model/config directory."""
+    """Print where `--teacher_device auto` would put --source_model, from meta-device models: --gpus GPUs of
+    --gpu_memory each (default: the visible ones) and --cpu_memory of RAM. --pipeline laten: the student and its
+    translator training on GPU 0 (`pkt.laten.student_reserve`); postpkt: the sensitivity pass of
+    extract_lora_with_sensitivity.py --device auto at --cutoff_len (--accum_device gpu|cpu). Models: a Llama-2
+    shape name (llama-2-7b, llama-2-13b, llama-2-70b) or a model/config directory."""
     source_model: str = "llama-2-70b"
     target_model: str = "llama-2-13b"
     pipeline: str = "laten"
@@ -201,12 +203,14 @@ class PlanConfig:
     gpu_memory: str = "80GB"
     cpu_memory: str = "1000GiB"
     cutoff_len: int = 768
-    transfer_rate: float = 0.1
     dtype: str = "bf16"
+    accum_device: str = "gpu"
 
     def __post_init__(self):
         if self.pipeline not in ("laten", "postpkt"):
             fail(f"--pipeline {self.pipeline!r}: expected laten or postpkt")
+        if self.accum_device not in ("gpu", "cpu"):
+            fail(f"--accum_device {self.accum_device!r}: expected gpu or cpu")
         if self.gpus is not None and self.gpus < 1:
             fail(f"--gpus {self.gpus}: expected an integer >= 1")
 
@@ -236,25 +240,37 @@ def plan(cfg: PlanConfig) -> dict:
             else visible_gpus())
     if not gpus:
         fail("no GPU visible: give --gpus N (and --gpu_memory) to plan for a machine")
+    cpu = _bytes(cfg.cpu_memory, "--cpu_memory")
+    reserve = {}
     if cfg.pipeline == "laten":
-        from pkt.laten import memory_plan
+        from pkt.laten import student_reserve
 
-        items = memory_plan(model_shape(teacher), model_shape(student), n_t, n_s, seq=cfg.cutoff_len,
-                            transfer_rate=cfg.transfer_rate, weight_bytes=size)
-        reserve = {0: sum(b for name, b, _ in items if not name.startswith("teacher params"))}
-        share = 1.0
+        reserve = {0: student_reserve(teacher, student, size)}
+        budget = max_memory(gpus, cpu, reserve)
         what = "student + translator training (pkt.laten.memory_plan)"
     else:   # PostPKT: only the teacher is loaded; fp32 accumulators sit next to every weight
-        reserve, share = {}, size / (size + 4)
-        what = "fp32 sensitivity accumulators next to the weights"
-    budget = max_memory(gpus, _bytes(cfg.cpu_memory, "--cpu_memory"), reserve, weight_share=share)
+        from pkt.postpkt import sensitivity_budget
+
+        budget = sensitivity_budget(model_shape(teacher), size, cfg.cutoff_len, False, cfg.accum_device != "cpu",
+                                    gpus, cpu)
+        what = "one example's activations" + (" + fp32 accumulators" if cfg.accum_device != "cpu" else "")
     dm = plan_device_map(teacher, budget, dtype)
     rows = placement_rows(teacher, dm, dtype)
+    for r in rows:             # what else each GPU holds
+        if r["device"] == "cpu":
+            r["also"] = 0
+        elif cfg.pipeline == "laten":
+            r["also"] = reserve.get(r["device"], 0)
+        else:
+            from pkt.postpkt import activation_bytes
+
+            acc = r["bytes"] // size * 4 if cfg.accum_device != "cpu" else 0
+            r["also"] = acc + activation_bytes(model_shape(teacher), size, cfg.cutoff_len) // len(gpus)
     cpu_layers = next((len(r["layers"]) for r in rows if r["device"] == "cpu"), 0)
     per_layer_flop = 2 * sum(p.numel() for p in teacher.model.layers[0].parameters())
-    return {"cfg": cfg, "teacher_params": n_t, "student_params": n_s, "gpus": gpus, "reserve": reserve,
-            "weight_share": share, "reserve_what": what, "rows": rows, "device_map": dm, "cpu_layers": cpu_layers,
-            "cpu_flop_per_token": cpu_layers * per_layer_flop, "dtype": dtype}
+    return {"cfg": cfg, "teacher_params": n_t, "student_params": n_s, "gpus": gpus, "reserve_what": what,
+            "rows": rows, "device_map": dm, "cpu_layers": cpu_layers, "cpu_flop_per_token": cpu_layers * per_layer_flop,
+            "dtype": dtype}
 
 
 def print_plan(p: dict) -> None:
@@ -268,17 +284,12 @@ def print_plan(p: dict) -> None:
     for r in p["rows"]:
         dev = r["device"]
         cap = p["gpus"].get(dev) if dev != "cpu" else None
-        other = p["reserve"].get(dev, 0) if dev != "cpu" else 0
-        extra = r["bytes"] * (1 / p["weight_share"] - 1) if dev != "cpu" else 0
-        also = []
-        if other:
-            also.append(f"{other / GiB:.1f} GiB {p['reserve_what']}")
-        if extra:
-            also.append(f"{extra / GiB:.1f} GiB {p['reserve_what']}")
+        other = r["also"]
+        also = [f"{other / GiB:.1f} GiB {p['reserve_what']}"] if other else []
         mods = ", ".join(sorted(m.replace("model.", "") for m in r["modules"])) or "-"
         name = f"cuda:{dev}" if isinstance(dev, int) else str(dev)
         print(f"| {name} | {_layers(r)} | {mods} | {r['bytes'] / GiB:.1f} | {'; '.join(also) or '-'} | "
-              f"{(r['bytes'] + other + extra) / GiB:.1f} | {cap / GiB:.1f} |" if cap else
+              f"{(r['bytes'] + other) / GiB:.1f} | {cap / GiB:.1f} |" if cap else
               f"| {name} | {_layers(r)} | {mods} | {r['bytes'] / GiB:.1f} | computes there (slow) | "
               f"{r['bytes'] / GiB:.1f} | - |")
     if p["cpu_layers"]:

@@ -229,22 +229,34 @@ def to_fp16(t: torch.Tensor, what: str) -> torch.Tensor:
     return h
 
 
+def sensitivity_budget(shape, weight_bytes: int, cutoff_len: int, gradient_checkpointing: bool, accum_on_gpu: bool,
+                       gpus: dict, cpu: int) -> dict:
+    """accelerate's max_memory for a teacher of `shape` placed for the sensitivity pass: on every GPU room for
+    one example's activations (by formula at `cutoff_len`, split over the GPUs as the layers are) and, with
+    `accum_on_gpu`, the fp32 accumulators beside the weights; the CPU as a last resort."""
+    from pkt import placement
+
+    act = activation_bytes(shape, weight_bytes, cutoff_len, gradient_checkpointing)
+    share = weight_bytes / (weight_bytes + 4) if accum_on_gpu else 1.0
+    return placement.max_memory(gpus, cpu, headroom=placement.HEADROOM + act // max(1, len(gpus)), weight_share=share)
+
+
+def activation_bytes(shape, weight_bytes: int, cutoff_len: int, gradient_checkpointing: bool = False) -> int:
+    """Rough bytes kept for the backward of one example of `cutoff_len` tokens: per layer ~10 d + 4 ffn values
+    per token (sdpa attention; d with gradient checkpointing), plus fp32 logits / log-softmax / grad."""
+    T = int(cutoff_len)
+    per_token = shape.hidden if gradient_checkpointing else 10 * shape.hidden + 4 * shape.ffn
+    return shape.layers * T * per_token * weight_bytes + 3 * T * shape.vocab * 4
+
+
 def teacher_budget(cfg) -> dict:
-    """accelerate's max_memory for `--device auto`: on every visible GPU, room for one example's activations
-    (by formula, at --cutoff_len; /n GPUs, as the layers spread) and, unless --accum_device cpu, the fp32
-    accumulators beside the weights; the CPU as a last resort."""
+    """`sensitivity_budget` of `--device auto` for this run, over the visible GPUs and the free CPU memory."""
     from pkt import placement
     from pkt.io import meta_model
 
-    gpus = placement.visible_gpus()
-    size = placement.element_size(cfg.dtype)
     shape = model_shape(meta_model(cfg.source_model, "--source_model"))
-    T = int(cfg.cutoff_len)
-    layers = shape.hidden if cfg.gradient_checkpointing else 10 * shape.hidden + 4 * shape.ffn
-    act = shape.layers * T * layers * size + 3 * T * shape.vocab * 4
-    share = 1.0 if cfg.accum_device == "cpu" else size / (size + 4)
-    headroom = placement.HEADROOM + act // max(1, len(gpus))
-    return placement.max_memory(gpus, placement.free_cpu_memory(), headroom=headroom, weight_share=share)
+    return sensitivity_budget(shape, placement.element_size(cfg.dtype), cfg.cutoff_len, cfg.gradient_checkpointing,
+                              cfg.accum_device != "cpu", placement.visible_gpus(), placement.free_cpu_memory())
 
 
 def memory_plan(teacher, tracked_params: int, accum_device: str, model_device: str) -> str:
