@@ -294,8 +294,8 @@ def print_plan(p: dict) -> None:
               f"{r['bytes'] / GiB:.1f} | - |")
     if p["cpu_layers"]:
         print(f"{p['cpu_layers']} teacher layers compute on the CPU: {p['cpu_flop_per_token'] / 1e9:.0f} GFLOP per "
-              f"token of every teacher forward (~{p['cpu_flop_per_token'] * 512 / 1e12:.1f} TFLOP per 512-token "
-              "locate): more GPUs remove it.")
+              f"token of every teacher forward (~{p['cpu_flop_per_token'] * 512 / 1e12:.1f} TFLOP per 512 tokens, "
+              "e.g. one LaTen locate): more GPUs remove it.")
     else:
         print("the teacher fits the GPUs: nothing on the CPU.")
 
