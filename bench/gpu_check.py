@@ -13,7 +13,7 @@ one dated block to bench/RESULTS.md part by part, so a run cut short still recor
 Parts: placement (70B plans + a real cuda:0 + CPU placed teacher against the plain one), attribution (7B/13B
 locate, TF32 vs bf16 read-out, where the time goes), laten_step (13B -> 7B), postpkt_sensitivity (full-depth
 13B), pipelines (every CLI on tiny models, on CUDA), generation (HF bf16 batch 1 vs 16 at 7B shape, 8-shot
-GSM8K-length prompts), semalign (one stage step and one stage at 13B -> 7B, through pkt.semalign).
+GSM8K-length prompts), semalign (one v1 step and one v2 stage at 13B -> 7B, through pkt.semalign).
 """
 from __future__ import annotations
 
@@ -76,12 +76,12 @@ PARTS = [
                            "background checkpoint writes, the step's parts"),
     Part("postpkt_sensitivity", 70, "sensitivity pass of a full-depth llama-2-13b (bf16, 1024 tokens): "
                                     "s/example, peak memory"),
-    Part("pipelines", 90, "every CLI on tiny models on CUDA: LaTen train/transfer, PostPKT extract/delta/"
-                          "finetune/merge, SemAlign, evaluate"),
-    Part("generation", 60, "HF generate, bf16 llama-2-7b shape: batch 1 vs 16 (+ shared-prefix cache), 8-shot "
+    Part("pipelines", 85, "every CLI on tiny models on CUDA: LaTen train/transfer, PostPKT extract/delta/"
+                          "finetune/merge, SemAlign v1/v2, evaluate"),
+    Part("generation", 55, "HF generate, bf16 llama-2-7b shape: batch 1 vs 16 (+ shared-prefix cache), 8-shot "
                            "GSM8K-length prompts; vLLM when installed"),
-    Part("semalign", 45, "SemAlign at 13B -> 7B (bf16): one stage-1 step (back-propagates through the whole "
-                         "student) and one short stage"),
+    Part("semalign", 55, "SemAlign at 13B -> 7B (bf16): semantic bases + map, one v1 step on student layer 1 "
+                         "(backward through the whole student), one 4-step v2 stage"),
 ]
 BY_NAME = {p.name: p for p in PARTS}
 
@@ -129,10 +129,12 @@ def plan_lines(name: str) -> list[str]:
             from pkt.semalign import memory_plan
 
             t, s = meta_llama("llama-2-13b"), meta_llama("llama-2-7b")
-            rows = memory_plan(t.config, s.config, 1, 512, 2, n(t), n(s), n(s.model.layers[0]))
-            step = sum(b for k, b, _ in rows if not k.startswith("attribution"))
-            return [f"13B -> 7B, micro-batch 1 x 512 tokens: {_gib(step)} (pkt.semalign.memory_plan)"]
-        except Exception as e:  # noqa: BLE001 - SemAlign is being rewritten: the plan says what is missing
+            plans = {v: memory_plan(v, t.config, s.config, 1, 512, 2, n(t), n(s), n(s.model.layers[0]))
+                     for v in ("v1", "v2")}
+            return [f"13B -> 7B, micro-batch 1 x 512 tokens: v1 {_gib(plans['v1']['peak'])}, v2 "
+                    f"{_gib(plans['v2']['peak'])} (pkt.semalign.memory_plan; this part keeps both models loaded: "
+                    f"{_gib((n(t) + n(s)) * 2)} of weights)"]
+        except Exception as e:  # noqa: BLE001 - the plan says what is missing instead of failing the dry run
             return [f"no plan: pkt.semalign.memory_plan unavailable ({type(e).__name__}: {e})"]
     if name == "pipelines":
         return ["tiny models (pkt.testing.save_tiny_pair): < 1 GiB"]
@@ -436,10 +438,14 @@ def part_pipelines(out: Path) -> None:
                               "--cutoff_len", "256", "--output_dir", f"{o}/lora"]),
         ("PostPKT merge", ["merge_lora.py", "--base_model", student, "--delta_path", f"{o}/delta", "--lora_path",
                            f"{o}/lora", "--output_dir", f"{o}/merged", "--device", DEVICE]),
-        ("SemAlign", ["train_SemAlign.py", "--source_model", teacher, "--target_model", student, "--data_path",
-                      f"{gsm}/gsm_train_split.jsonl", "--output_dir", f"{o}/semalign", "--max_examples", "2",
-                      "--attribution_examples", "2", "--micro_batch_size", "2", "--steps_per_layer", "1",
-                      "--cutoff_len", "256"]),
+        ("SemAlign v1", ["train_SemAlign.py", "--variant", "v1", "--source_model", teacher, "--target_model",
+                         student, "--data_path", f"{gsm}/gsm_train_split.jsonl", "--output_dir", f"{o}/semalign_v1",
+                         "--max_examples", "2", "--attribution_examples", "2", "--batch_size", "2",
+                         "--micro_batch_size", "2", "--epochs", "1", "--max_steps", "1", "--cutoff_len", "256"]),
+        ("SemAlign v2", ["train_SemAlign.py", "--variant", "v2", "--source_model", teacher, "--target_model",
+                         student, "--data_path", f"{gsm}/gsm_train_split.jsonl", "--output_dir", f"{o}/semalign_v2",
+                         "--max_examples", "2", "--attribution_examples", "2", "--batch_size", "2",
+                         "--micro_batch_size", "2", "--epochs", "1", "--max_steps", "1", "--cutoff_len", "256"]),
         ("evaluate (HF)", ["evaluate.py", "--model_path", f"{o}/merged", "--tasks", "gsm,mmlu", "--limit", "2",
                            "--max_new_tokens", "8", "--batch_size", "2", "--output_dir", f"{o}/eval"]),
         ("LaTen train, --teacher_device auto", ["train_LaTen.py", "--source_model", teacher, "--target_model",
@@ -510,43 +516,56 @@ def part_generation(out: Path) -> None:
 
 
 def part_semalign(out: Path) -> None:
+    """SemAlign at 13B -> 7B through pkt.semalign's own functions (random weights, one shared vocabulary):
+    the semantic bases and map once, then one v1 optimizer step on student layer 1 (the worst case: the
+    backward runs through every student layer) and one v2 frontier stage (4 steps on stage 1)."""
     try:
         from pkt.model import unembedding
-        from pkt.semalign import alignment_map, pair_layers, train_stage
+        from pkt.semalign import (Schedule, alignment_map, semantic_bases, teacher_targets, train_layers,
+                                  v1_micro_loss, v1_pairs, v2_micro_loss, v2_pairs)
     except ImportError as e:
-        emit(out, f"- skipped: pkt.semalign has no {e.name if hasattr(e, 'name') else e} (being rewritten)")
+        emit(out, f"- skipped: pkt.semalign lacks {getattr(e, 'name', None) or e} (its API changed)")
         return
     from random_models import random_llama
 
-    teacher = random_llama(shape("llama-2-13b"), DEVICE, torch.bfloat16, seed=1)
-    student = random_llama(shape("llama-2-7b"), DEVICE, torch.bfloat16, seed=2)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = random_llama(shape("llama-2-13b"), DEVICE, torch.bfloat16, seed=1).requires_grad_(False)
+    student = random_llama(shape("llama-2-7b"), DEVICE, torch.bfloat16, seed=2).requires_grad_(False)
+    L_T, L_S = teacher.config.num_hidden_layers, student.config.num_hidden_layers
+    T, n, pad = (32 if SMOKE else 512), 4, 2
     g = torch.Generator().manual_seed(0)
-    T = 32 if SMOKE else 512
-    batches = []
-    for _ in range(4):
-        ids = torch.randint(3, student.config.vocab_size, (1, T), generator=g)
-        labels = ids.clone()
-        labels[:, : T // 2] = -100
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    examples = []
+    for _ in range(n):
+        ids = torch.randint(3, student.config.vocab_size, (T,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (T // 2) + ids[T // 2:]})
+    one_step = Schedule(lr=1e-5, epochs=1, batch_size=n, micro_batch_size=1, max_steps=1)
     try:
         t0 = time.time()
-        P = alignment_map(unembedding(teacher).detach(), unembedding(student).detach())
+        M = alignment_map(semantic_bases(unembedding(teacher)), semantic_bases(unembedding(student)))
         sync()
         t_map = time.time() - t0
-        pairs = pair_layers(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+        pairs = v1_pairs(L_T, L_S, [1])                                   # k† = 1: the deepest backward
+        t_tg, targets = timed(lambda: teacher_targets(teacher, examples, pairs, M, 1, pad, dtype=student.dtype,
+                                                      progress=False))
         base = peak_reset()
-        s1, rec1 = timed(lambda: train_stage(teacher, student, batches, pairs[0], None, P, steps=1, lr=1e-5))
-        mid = len(pairs) // 2
-        s2, rec2 = timed(lambda: train_stage(teacher, student, batches, pairs[mid], pairs[mid - 1], P, steps=4,
-                                             lr=1e-5))
-    except (TypeError, AttributeError, KeyError) as e:
+        loss = v1_micro_loss(student, pairs, targets)
+        t_v1, _ = timed(lambda: train_layers(student, examples, [p.student - 1 for p in pairs], loss, one_step, pad,
+                                             progress=False))
+        peak_v1 = peak_gib(base)
+        stage = v2_pairs(L_T, L_S)[0]
+        four = Schedule(lr=1e-5, epochs=4, batch_size=n, micro_batch_size=1, max_steps=4)
+        base = peak_reset()
+        t_v2, _ = timed(lambda: train_layers(student, examples, [stage.student - 1],
+                                             v2_micro_loss(teacher, student, stage, M, None), four, pad, "all",
+                                             progress=False))
+        peak_v2 = peak_gib(base)
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
         emit(out, f"- skipped: pkt.semalign's API changed ({type(e).__name__}: {e}); adjust part_semalign")
         return
-    emit(out, f"- 13B -> 7B, micro-batch 1 x {T} tokens: alignment map {t_map:.2f} s; stage-1 step (back-propagates "
-              f"through all {student.config.num_hidden_layers} student layers) {s1:.2f} s; stage {pairs[mid].student} of 4 steps {s2:.2f} s "
-              f"({s2 / 4:.2f} s/step); peak {peak_gib(0):.1f} GiB")
+    emit(out, f"- 13B -> 7B, bf16, {n} examples x {T} tokens per step, micro-batch 1: semantic bases + map "
+              f"{t_map:.2f} s (once per model pair, cached on disk by the CLI); v1: teacher targets {t_tg:.2f} s, "
+              f"**one step on student layer {pairs[0].student} {t_v1:.2f} s** (backward through all {L_S} layers), "
+              f"peak {peak_v1:.1f} GiB over the loaded models; v2: **stage {stage.student} of 4 steps {t_v2:.2f} s** "
+              f"({t_v2 / 4:.2f} s/step), peak {peak_v2:.1f} GiB over the loaded models")
 
 
 RUNNERS = {"placement": part_placement, "attribution": part_attribution, "laten_step": part_laten_step,
