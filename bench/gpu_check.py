@@ -357,13 +357,10 @@ def readout_parts(out, model, shape, n_layers, ffn_k, attn_k, ids, attribution) 
     with profile(activities=acts) as prof:
         locate(model, ids, n_layers, ffn_k, attn_k)
         sync()
-    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)))
-    tot = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in prof.key_averages())
-    top = []
-    for e in rows[:40]:
-        self_t = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-        if self_t > 0.02 * tot and len(top) < 6:
-            top.append(f"{e.key[:60]} {self_t / 1e6:.3f} s")
+    own = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))   # microseconds
+    events = sorted(prof.key_averages(), key=lambda e: -own(e))
+    tot = sum(own(e) for e in events)
+    top = [f"{e.key[:70]} x{e.count} {own(e) / 1e6:.3f} s" for e in events[:6] if own(e) > 0.02 * tot]
     emit(out, f"- llama-2-13b locate under torch.profiler: GPU busy {tot / 1e6:.2f} s; top kernels by own time: "
               + "; ".join(top))
 
@@ -375,8 +372,8 @@ def part_laten_step(out: Path) -> None:
     m = r["mean"]
     emit(out, f"- 13B -> 7B, 16 x 768 tokens, micro-batch 1, gradient checkpointing: **{m['total']:.2f} s/step** = "
               f"locate {m['locate']:.2f} + extract {m['extract']:.2f} + align {m['align']:.2f} + AdamW "
-              f"{m['optim']:.3f} + snapshot to pinned CPU memory {m['snapshot']:.2f} + wait for the writer "
-              f"{m['wait']:.2f}; the checkpoint write itself (translator + trainer state, every step) "
+              f"{m['optim']:.3f} + wait for the previous write {m['wait']:.2f} + snapshot to pinned CPU memory "
+              f"{m['snapshot']:.2f}; the checkpoint write itself (translator + trainer state, every step) "
               f"{r['write_s']:.2f} s in the background; peak {r['peak_gb']:.1f} GiB (reserved "
               f"{r['reserved_gb'] or float('nan'):.1f}); models built in {r['build_s']:.1f} s")
     prof = r["profile"]

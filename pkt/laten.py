@@ -634,9 +634,11 @@ def _train(cfg: TrainConfig, writer: BackgroundWriter) -> str:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        writer.wait()   # the previous write (done by now, unless the disk is slower than a step): one snapshot alive
         check_translator_finite(translator, step, cfg.save_dir)   # never checkpoint a non-finite state
-        snap = snapshot(step, translator, optimizer, scheduler, order, has_state(step, n_steps, cfg.save_every))
-        writer.submit(write_checkpoint, cfg.save_dir, snap, cfg.save_trainer_state == "all")
+        writer.submit(write_checkpoint, cfg.save_dir, snapshot(step, translator, optimizer, scheduler, order,
+                                                               has_state(step, n_steps, cfg.save_every)),
+                      cfg.save_trainer_state == "all")
         append_jsonl(log_path, {
             "step": step, "loss": stats["loss"], "lm_loss": stats["lm_loss"], "mse_loss": stats["mse_loss"],
             "lr": lr, "seconds": round(time.time() - t0, 3),

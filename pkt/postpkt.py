@@ -28,7 +28,7 @@ from pkt.data import IGNORE, encode_chat, load_chat_jsonl, task_split
 from pkt.io import (check_device, check_model_path, check_output, fail, int_flag, load_model, load_tokenizer,
                     meta_model, number_flag, resolve_dtype)
 from pkt.lora import extracted_adapter, save_adapter
-from pkt.model import ALL_MODULES, EMBED_MODULES, LINEAR_MODULES, model_shape, parse_modules
+from pkt.model import ALL_MODULES, EMBED_MODULES, LINEAR_MODULES, decoder_layers, model_shape, parse_modules
 from pkt.placement import main_device
 
 log = logging.getLogger("pkt.postpkt")
@@ -159,6 +159,10 @@ def sensitivity(model, examples: list[dict], params: dict[str, torch.nn.Paramete
     used = 0
     was_training = model.training
     model.eval()
+    layers = decoder_layers(model)
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        for layer in layers:   # HF recomputes only layers in training mode: flag those alone (no dropout elsewhere)
+            layer.training = True
     try:
         for ex in tqdm(examples, desc="sensitivity", disable=not progress):
             labels = torch.tensor([ex["labels"]], device=device)

@@ -16,10 +16,11 @@ from knowledge_translator import KnowledgeTranslator
 from pkt import laten
 from pkt.io import BackgroundWriter, PKTError
 from pkt.laten import TRAINER_STATE, TrainConfig
+from test_laten import _train as laten_run
 
 STEPS = 5
 RUN = dict(learning_rate=3e-2, transfer_rate=0.5, n_align=3, micro_batch_size=4, seed=0, dtype="fp32",
-           teacher_device="cpu", student_device="cpu", save_every=2)
+           teacher_device="cpu", student_device="cpu", save_every=2, save_trainer_state="last")
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,7 @@ def data(chat_jsonl):
 
 
 def _train(teacher, student, data, out, **kw):
-    args = dict(RUN, source_model=teacher, target_model=student, extract_data_path=data["extract"],
-                align_data_path=data["align"], translator_save_name="run", output_dir=str(out))
-    args.update(kw)
-    return Path(laten.train(TrainConfig(**args)))
+    return laten_run(teacher, student, data, out, **{**RUN, "translator_save_name": "run", **kw})
 
 
 @pytest.fixture(scope="module")

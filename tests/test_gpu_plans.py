@@ -210,3 +210,19 @@ def test_two_process_finetune_gives_the_one_process_adapter(student_dir, chat_js
     log = lambda d: [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log(tmp_path / "one")] == pytest.approx([r["loss"] for r in log(tmp_path / "two")],
                                                                        abs=1e-6)
+
+
+def test_sensitivity_with_gradient_checkpointing_recomputes_layers_and_gives_the_same_values(teacher_dir):
+    """--gradient_checkpointing used to be a no-op: HF checkpoints only layers in training mode, and the
+    sensitivity pass runs the model in eval mode."""
+    model = copy.deepcopy(load_model(teacher_dir, "fp32", "cpu"))
+    params = lambda m: {n: p for n, p in m.named_parameters() if layer_index(n) is not None}
+    plain, _ = sensitivity(model, _examples(n=1), params(model), progress=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    h = model.model.layers[0].input_layernorm.register_forward_hook(lambda *a: calls.append(1))
+    ckpt, _ = sensitivity(model, _examples(n=1), params(model), progress=False)
+    h.remove()
+    assert len(calls) == 2                                # forward + recomputation in the backward
+    assert all(torch.allclose(plain[k], ckpt[k], rtol=1e-5, atol=1e-10) for k in plain)
+    assert not model.model.layers[0].training            # eval mode restored
