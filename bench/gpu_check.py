@@ -370,7 +370,8 @@ def part_laten_step(out: Path) -> None:
 
     r = bench_laten_step.bench(DEVICE, steps=2, profile=True, **({"n_align": 1, "seq": 32} if SMOKE else {}))
     m = r["mean"]
-    emit(out, f"- 13B -> 7B, 16 x 768 tokens, micro-batch 1, gradient checkpointing: **{m['total']:.2f} s/step** = "
+    emit(out, f"- 13B -> 7B, {r['examples_per_step']} x {r['tokens']} tokens, micro-batch 1, gradient checkpointing: "
+              f"**{m['total']:.2f} s/step** = "
               f"locate {m['locate']:.2f} + extract {m['extract']:.2f} + align {m['align']:.2f} + AdamW "
               f"{m['optim']:.3f} + wait for the previous write {m['wait']:.2f} + snapshot to pinned CPU memory "
               f"{m['snapshot']:.2f}; the checkpoint write itself (translator + trainer state, every step) "
