@@ -478,7 +478,7 @@ def _check_placement(cfg) -> None:
     """--dtype, --teacher_device and --student_device of a LaTen stage."""
     if cfg.dtype is not None:
         resolve_dtype(cfg.dtype)
-    check_device(cfg.teacher_device, "--teacher_device")
+    check_device(cfg.teacher_device, "--teacher_device", allow_auto=True)   # pkt.placement
     check_device(cfg.student_device, "--student_device")
 
 

@@ -367,7 +367,7 @@ class ExtractConfig:
         int_flag(self.cutoff_len, "--cutoff_len", 2)
         number_flag(self.lora_dropout, "--lora_dropout", 0, high=1, high_strict=True)
         resolve_dtype(self.dtype)
-        check_device(self.device, "--device")
+        check_device(self.device, "--device", allow_auto=True)   # the teacher, placed by pkt.placement
         check_device(self.accum_device, "--accum_device")
         check_model_path(self.source_model, "--source_model")
         check_model_path(self.target, self.target_flag)
