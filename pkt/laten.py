@@ -398,6 +398,13 @@ def snapshot(step: int, translator, optimizer, scheduler, order: list[int], with
     return snap
 
 
+def checkpoint_then_log(save_dir, snap: dict, keep_all_states: bool, log_path, record: dict) -> None:
+    """One step's writes, in `train`'s background thread: checkpoint_<step>, then its train_log.jsonl line, so a
+    log line never outlives a checkpoint that failed to write (a full disk leaves neither)."""
+    write_checkpoint(save_dir, snap, keep_all_states)
+    append_jsonl(log_path, record)
+
+
 def write_checkpoint(save_dir, snap: dict, keep_all_states: bool = False) -> Path:
     """checkpoint_<step>/ written atomically from a `snapshot`: `translator.safetensors` + config and, when the
     snapshot has one, `trainer_state.pt` (for `--resume`). Unless `keep_all_states`, a new trainer state
@@ -634,12 +641,11 @@ def _train(cfg: TrainConfig, writer: BackgroundWriter) -> str:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        writer.wait()   # the previous write (done by now, unless the disk is slower than a step): one snapshot alive
+        snap = None     # the previous step's snapshot: its pinned blocks are reused once it is written
+        writer.wait()   # that write (done by now, unless the disk is slower than a step); its error surfaces here
         check_translator_finite(translator, step, cfg.save_dir)   # never checkpoint a non-finite state
-        writer.submit(write_checkpoint, cfg.save_dir, snapshot(step, translator, optimizer, scheduler, order,
-                                                               has_state(step, n_steps, cfg.save_every)),
-                      cfg.save_trainer_state == "all")
-        append_jsonl(log_path, {
+        snap = snapshot(step, translator, optimizer, scheduler, order, has_state(step, n_steps, cfg.save_every))
+        writer.submit(checkpoint_then_log, cfg.save_dir, snap, cfg.save_trainer_state == "all", log_path, {
             "step": step, "loss": stats["loss"], "lm_loss": stats["lm_loss"], "mse_loss": stats["mse_loss"],
             "lr": lr, "seconds": round(time.time() - t0, 3),
             "teacher_ffn_layers": list(t_sel.ffn_layers), "student_ffn_layers": list(s_sel.ffn_layers),
@@ -647,6 +653,7 @@ def _train(cfg: TrainConfig, writer: BackgroundWriter) -> str:
             "example_id": rec.get("id", f"extract:{order[step]}"), "grad_norm": stats["grad_norm"],
             "align_example_ids": [align_data[i].get("id", f"align:{i}") for i in align_rows],
             "micro_batches": stats["micro_batches"], "skipped_micro_batches": stats["skipped_micro_batches"]})
+    writer.wait()       # the last checkpoint and its log line are on disk
     log.info("done: %s", cfg.save_dir)
     print(cfg.save_dir)
     return str(cfg.save_dir)
