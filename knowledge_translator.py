@@ -63,8 +63,14 @@ class KnowledgeTranslator(nn.Module):
 
     def save_into(self, directory) -> None:
         """Same files, written into an existing (e.g. temporary) directory."""
-        save_tensors(Path(directory) / WEIGHTS, self.state_dict())
-        write_json(Path(directory) / CONFIG, self.config())
+        self.write_files(directory, self.state_dict(), self.config())
+
+    @staticmethod
+    def write_files(directory, state: dict, config: dict) -> None:
+        """The two files of a translator from its `state_dict` and `config()` (e.g. CPU copies taken earlier:
+        LaTen writes checkpoints in a background thread)."""
+        save_tensors(Path(directory) / WEIGHTS, state)
+        write_json(Path(directory) / CONFIG, config)
 
     @classmethod
     def load(cls, directory, device=None) -> "KnowledgeTranslator":

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from pkt.io import fail
 from pkt.model import ROW_MODULES, decoder_layers, linear, model_shape
+from pkt.placement import main_device
 
 
 # --------------------------------------------------------------------------------------------- trace
@@ -57,11 +58,12 @@ def _hidden_arg(args, kwargs):
 def trace(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Trace:
     """One forward pass; returns the `Trace` at position -1 of every row (left-pad batches).
 
-    `input_ids: [B, T]`, `attention_mask: [B, T]` (1 = token, 0 = left padding).
+    `input_ids: [B, T]`, `attention_mask: [B, T]` (1 = token, 0 = left padding). A model placed across
+    devices (`pkt.placement`) works too: what is read is gathered on its `main_device`.
     """
     layers = decoder_layers(model)
     shape = model_shape(model)
-    device = model.lm_head.weight.device
+    device = main_device(model)
     input_ids = input_ids.to(device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -92,13 +94,13 @@ def trace(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
             B, T, _ = out.shape
             k = out.view(B, T, shape.kv_heads, shape.head_dim).transpose(1, 2)        # [B, KV, T, hd]
             q = store["q"][i].view(B, shape.heads, 1, shape.head_dim)                 # [B, H, 1, hd]
-            cos, sin = rotary["cos"], rotary["sin"]
+            cos, sin = rotary["cos"].to(q.device), rotary["sin"].to(q.device)
             q = rope(q, q, cos[:, -1:], sin[:, -1:])[0]
             k = rope(k, k, cos, sin)[0]
             k = k.repeat_interleave(shape.heads // shape.kv_heads, dim=1)             # [B, H, T, hd]
             # As eager attention: scores in the model dtype, softmax in fp32, probabilities cast back.
             logits = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling              # [B, H, T]
-            logits = logits.float().masked_fill(attention_mask[:, None, :] == 0, float("-inf"))
+            logits = logits.float().masked_fill(attention_mask.to(logits.device)[:, None, :] == 0, float("-inf"))
             store["p"][i] = torch.softmax(logits, dim=-1)[..., -1].to(out.dtype)      # [B, H]
 
         handles += [
@@ -119,13 +121,14 @@ def trace(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
             h.remove()
 
     B = input_ids.shape[0]
+    store = {k: [t.to(device) for t in ts] for k, ts in store.items() if k != "q"}   # placed models: one device
     v = torch.stack(store["v"]).view(L, B, shape.kv_heads, 1, shape.head_dim)
     v = v.expand(L, B, shape.kv_heads, shape.heads // shape.kv_heads, shape.head_dim)
     v = v.reshape(L, B, shape.heads, shape.head_dim)
     p = torch.stack(store["p"])                                                        # [L, B, H]
     attn_w = (p[..., None] * v).reshape(L, B, shape.attn_neurons)   # in the model dtype, as the model
     return Trace(x=torch.stack(store["x"]), a=torch.stack(store["a"]), f=torch.stack(store["f"]),
-                 m=torch.stack(store["m"]), attn_w=attn_w, y=y["y"])
+                 m=torch.stack(store["m"]), attn_w=attn_w, y=y["y"].to(device))
 
 
 # -------------------------------------------------------------------------------------------- deltas

@@ -19,7 +19,7 @@ import fire
 import torch
 
 from modeling_llama_laten import trace
-from pkt.attribution import locate, make_readout
+from pkt.attribution import locate, make_readout, valid_topk_fraction
 from pkt.model import residual_stream
 from pkt.testing import LLAMA2_SHAPES
 
@@ -159,23 +159,25 @@ def gemm_floor_seconds(model, device) -> float:
     return time.perf_counter() - t0
 
 
-def run_shape(shape, device, dtype, seq_len, repeats=3, with_loop=True):
+def run_shape(shape, device, dtype, seq_len, repeats=3, with_loop=True, precision="fp32"):
     model = build(shape, device, dtype)
     student = STUDENT[shape]
     n_layers = student["num_hidden_layers"]
     ffn_k, attn_k = int(student["intermediate_size"] * 0.1), int(student["hidden_size"] * 0.1)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), generator=g)
-    locate(model, ids.tolist(), n_layers, ffn_k, attn_k)            # warm-up
+    exact = locate(model, ids.tolist(), n_layers, ffn_k, attn_k)    # warm-up, and the fp32 selection
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        locate(model, ids.tolist(), n_layers, ffn_k, attn_k)
+        sel = locate(model, ids.tolist(), n_layers, ffn_k, attn_k, precision=precision)
     sync(device)
     sec = (time.perf_counter() - t0) / repeats
+    valid = (valid_topk_fraction(sel.ffn_neurons, exact.ffn_scores, ffn_k),
+             valid_topk_fraction(sel.attn_neurons, exact.attn_scores, attn_k))
     extra = (torch.cuda.max_memory_allocated() - base_mem) / 2**30 if device.startswith("cuda") else float("nan")
     model_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     t0 = time.perf_counter()
@@ -185,9 +187,10 @@ def run_shape(shape, device, dtype, seq_len, repeats=3, with_loop=True):
     # the loop needs the same forward pass: count it on both sides
     loop = fwd + slow_loop_seconds(model, ids.to(device)) if with_loop else float("nan")
     # the original's full structure only on the CPU shape: at Llama-2 shapes it runs for hours
-    orig = original_structure_seconds(model, ids) if device == "cpu" else float("nan")
+    orig = original_structure_seconds(model, ids) if device == "cpu" and with_loop else float("nan")
     floor = gemm_floor_seconds(model, device)
     return dict(shape=shape, device=device, dtype=str(dtype).replace("torch.", ""), seq_len=seq_len,
+                precision=precision, valid=valid,
                 locate_s=sec, forward_s=fwd, loop_s=loop, speedup=loop / sec, orig_s=orig, orig_speedup=orig / sec,
                 gemm_floor_s=floor, model_gb=model_gb, extra_peak_gb=extra)
 
@@ -219,27 +222,32 @@ def dry_run(seq_len: int = 512):
 
 
 def main(device: str = "cpu", seq_len: int = 128, gpu_seq_len: int = 512, dry_run_only: bool = False,
-         dry_run: bool = False, threads: int | None = None):
+         dry_run: bool = False, threads: int | None = None, precision: str = "fp32", with_loop: bool = True):
+    """--precision bf16: the read-out product in bf16 (the speed of that; 'valid top-k' compares its
+    selections with the fp32 ones)."""
     if threads:
         torch.set_num_threads(threads)
     if dry_run or dry_run_only:
         globals()["dry_run"](gpu_seq_len)
         if dry_run_only:
             return
-    rows = [run_shape("cpu-1024", "cpu", torch.float32, seq_len)]
+    rows = [run_shape("cpu-1024", "cpu", torch.float32, seq_len, with_loop=with_loop, precision=precision)]
     if device.startswith("cuda"):
         for shape in ("llama-2-7b", "llama-2-13b"):
-            rows.append(run_shape(shape, device, torch.bfloat16, gpu_seq_len))
+            rows.append(run_shape(shape, device, torch.bfloat16, gpu_seq_len, with_loop=with_loop,
+                                  precision=precision))
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"\nlocate, one example; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; {name}")
-    print("| shape | device | dtype | tokens | locate s | of which forward s | per-neuron loop s (extrapolated) | "
-          "speed-up | original's structure s | speed-up | read-out GEMM floor s | model GB | extra peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | device | dtype | precision | tokens | locate s | of which forward s | per-neuron loop s "
+          "(extrapolated) | speed-up | original's structure s | speed-up | read-out GEMM floor s | model GB | "
+          "extra peak GB | valid top-k vs fp32 (FFN, attn) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['device']} | {r['dtype']} | {r['seq_len']} | {r['locate_s']:.3f} | "
-              f"{r['forward_s']:.3f} | {r['loop_s']:.1f} | {r['speedup']:.1f}x | {r['orig_s']:.1f} | "
-              f"{r['orig_speedup']:.1f}x | {r['gemm_floor_s']:.3f} | {r['model_gb']:.1f} | {r['extra_peak_gb']:.2f} |")
+        print(f"| {r['shape']} | {r['device']} | {r['dtype']} | {r['precision']} | {r['seq_len']} | "
+              f"{r['locate_s']:.3f} | {r['forward_s']:.3f} | {r['loop_s']:.1f} | {r['speedup']:.1f}x | "
+              f"{r['orig_s']:.1f} | {r['orig_speedup']:.1f}x | {r['gemm_floor_s']:.3f} | {r['model_gb']:.1f} | "
+              f"{r['extra_peak_gb']:.2f} | {r['valid'][0]:.1%}, {r['valid'][1]:.1%} |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Seconds per LaTen optimizer step and peak memory, with the training loop's own functions.
 
 One step = locate(teacher) + locate(student) on one example, extract, align_step over n_align+1 align
-micro-batches (translate once, inject, LM loss + 1000 MSE, backward), AdamW step, checkpoint save.
+micro-batches (translate once, inject, LM loss + 1000 MSE, backward), AdamW step, checkpoint: a CPU
+snapshot on the critical path, the write in `train`'s background thread (its own time is reported apart).
+Every timed step writes the trainer state (the worst case, `--save_every 1`). `--profile` adds one more
+step split into its parts (translate, student forward/backward, translator backward).
 
     python bench/bench_laten_step.py                      # CPU, small random models built in code
+    python bench/bench_laten_step.py --profile            # + where the time of a step goes
     python bench/bench_laten_step.py --dry_run            # memory plan at Llama-2 13B -> 7B (meta device)
     python bench/bench_laten_step.py --device cuda        # 13B -> 7B shapes, random bf16 weights, one GPU
 
@@ -20,10 +24,13 @@ import torch
 
 
 from knowledge_translator import KnowledgeTranslator
+from modeling_llama_laten import inject
 from pkt.attribution import locate
-from pkt.io import fail, run_cli
-from pkt.laten import (ModelPair, align_step, check_pair, enable_checkpointing, extract, freeze, neuron_counts,
-                       save_checkpoint)
+from pkt.io import BackgroundWriter, fail, run_cli
+from pkt.laten import (ModelPair, align_step, check_pair, deltas_for, enable_checkpointing, extract, freeze,
+                       lm_loss, mse_penalty, neuron_counts, snapshot, write_checkpoint)
+from pkt.model import model_shape
+from random_models import random_llama
 
 GB = 1024 ** 3
 LLAMA2 = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
@@ -41,12 +48,8 @@ def config(shape: dict, vocab: int):
 
 
 def build(shape: dict, vocab: int, device, dtype):
-    """A random Llama built directly on `device` (no checkpoint, no download)."""
-    from transformers import LlamaForCausalLM
-
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config(shape, vocab), dtype=dtype, attn_implementation="sdpa")
-    return freeze(model)
+    """A random Llama materialised directly on `device` (no checkpoint, no download)."""
+    return freeze(random_llama({**shape, "vocab_size": vocab}, device, dtype))
 
 
 def fake_batches(n: int, seq: int, vocab: int, micro: int, gen):
@@ -67,7 +70,7 @@ def sync(device):
 
 
 def bench(device="cpu", steps=None, n_align=None, seq=None, transfer_rate=0.1, micro_batch_size=1,
-          gradient_checkpointing=None, vocab=None, save=True):
+          gradient_checkpointing=None, vocab=None, save=True, profile=False):
     """Run warm-up + `steps` timed optimizer steps; returns a dict of timings (s) and peak memory (GB)."""
     cuda = str(device).startswith("cuda")
     steps = steps or (3 if cuda else 3)
@@ -93,34 +96,51 @@ def bench(device="cpu", steps=None, n_align=None, seq=None, transfer_rate=0.1, m
                                                 final_div_factor=1, anneal_strategy="cos")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rows = []
+    rows, writes = [], []
     tmp = tempfile.TemporaryDirectory()
-    for step in range(steps + 1):                       # step 0 = warm-up, not reported
+
+    def timed_write(snap):
+        t0 = time.time()
+        write_checkpoint(Path(tmp.name), snap)
+        writes.append(time.time() - t0)
+
+    def example():
         ids = torch.randint(3, vocab, (seq,), generator=gen).tolist()
-        batches = fake_batches(n_align + 1, seq, vocab, micro_batch_size, gen)
-        sync(device)
-        t = {"start": time.time()}
-        t_sel = locate(teacher, [ids], n_layers=s_shape.layers, ffn_k=ffn_k, attn_k=attn_k)
-        s_sel = locate(student, [ids], n_layers=s_shape.layers, ffn_k=ffn_k, attn_k=attn_k)
-        sync(device)
-        t["locate"] = time.time()
-        knowledge = extract(teacher, t_sel, translator.modules_, t_shape, device=device)
-        align_step(translator, knowledge, student, s_sel, batches, step=step)
-        sync(device)
-        t["align"] = time.time()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        sync(device)
-        t["optim"] = time.time()
-        if save:
-            save_checkpoint(Path(tmp.name), step, translator, opt, sched, list(range(steps + 1)))
-        t["save"] = time.time()
-        del knowledge
-        if step:
-            rows.append({"locate": t["locate"] - t["start"], "align": t["align"] - t["locate"],
-                         "optim": t["optim"] - t["align"], "save": t["save"] - t["optim"],
-                         "total": t["save"] - t["start"]})
+        return ids, fake_batches(n_align + 1, seq, vocab, micro_batch_size, gen)
+
+    with BackgroundWriter(True) as writer:
+        for step in range(steps + 1):                       # step 0 = warm-up, not reported
+            ids, batches = example()
+            sync(device)
+            t = {"start": time.time()}
+            t_sel = locate(teacher, [ids], n_layers=s_shape.layers, ffn_k=ffn_k, attn_k=attn_k)
+            s_sel = locate(student, [ids], n_layers=s_shape.layers, ffn_k=ffn_k, attn_k=attn_k)
+            sync(device)
+            t["locate"] = time.time()
+            knowledge = extract(teacher, t_sel, translator.modules_, t_shape, device=device)
+            sync(device)
+            t["extract"] = time.time()
+            align_step(translator, knowledge, student, s_sel, batches, step=step)
+            sync(device)
+            t["align"] = time.time()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            sync(device)
+            t["optim"] = time.time()
+            writer.wait()                               # as train: the previous write, on the critical path
+            t["wait"] = time.time()
+            if save:
+                writer.submit(timed_write, snapshot(step, translator, opt, sched, list(range(steps + 1))))
+            t["save"] = time.time()
+            del knowledge
+            if step:
+                rows.append({"locate": t["locate"] - t["start"], "extract": t["extract"] - t["locate"],
+                             "align": t["align"] - t["extract"], "optim": t["optim"] - t["align"],
+                             "wait": t["wait"] - t["optim"], "snapshot": t["save"] - t["wait"],
+                             "total": t["save"] - t["start"]})
+    parts = profile_step(translator, teacher, student, t_shape, s_shape, ffn_k, attn_k, *example(), device) \
+        if profile else None
     tmp.cleanup()
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     if cuda:
@@ -132,43 +152,57 @@ def bench(device="cpu", steps=None, n_align=None, seq=None, transfer_rate=0.1, m
     return {"device": torch.cuda.get_device_name() if cuda else "cpu", "teacher": shapes[0], "student": shapes[1],
             "tokens": seq, "examples_per_step": n_align + 1, "micro_batch_size": micro_batch_size,
             "transfer_rate": transfer_rate, "steps": steps, "build_s": build_s, "mean": mean, "peak_gb": peak,
-            "reserved_gb": reserved}
+            "reserved_gb": reserved, "write_s": sum(writes) / len(writes) if writes else None, "profile": parts}
+
+
+def profile_step(translator, teacher, student, t_shape, s_shape, ffn_k, attn_k, ids, batches, device) -> dict:
+    """Seconds of each part of one step, the same library calls as `align_step` timed one by one (the real
+    step is timed whole above): translator forward, student forward + backward per micro-batch with the deltas
+    injected, translator backward."""
+    out = {}
+
+    def clock(name, fn):
+        sync(device)
+        t0 = time.time()
+        r = fn()
+        sync(device)
+        out[name] = out.get(name, 0.0) + time.time() - t0
+        return r
+
+    t_sel = clock("locate teacher", lambda: locate(teacher, [ids], n_layers=s_shape.layers, ffn_k=ffn_k,
+                                                   attn_k=attn_k))
+    s_sel = clock("locate student", lambda: locate(student, [ids], n_layers=s_shape.layers, ffn_k=ffn_k,
+                                                   attn_k=attn_k))
+    knowledge = clock("extract", lambda: extract(teacher, t_sel, translator.modules_, t_shape, device=device))
+    translated = clock("translate (forward)", lambda: translator(knowledge))
+    leaves = {m: v.detach().requires_grad_(True) for m, v in translated.items()}
+
+    def micro(batch):
+        with inject(student, deltas_for(s_sel, leaves, model_shape(student))):
+            (lm_loss(student, batch) + mse_penalty(leaves).to(device)).backward()
+
+    for batch in batches:
+        clock("student forward + backward (all micro-batches)", lambda: micro(batch))
+    clock("translator backward", lambda: torch.autograd.backward([translated[m] for m in leaves],
+                                                                  [leaves[m].grad for m in leaves]))
+    translator.zero_grad(set_to_none=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ dry run
 def memory_plan(seq=768, n_layers_student=None, transfer_rate=0.1, micro_batch_size=1, vocab=32000):
-    """GB per item at Llama-2 13B -> 7B on one GPU, params from meta-device models, the rest by formula."""
+    """GB per item at Llama-2 13B -> 7B on one GPU (`pkt.laten.memory_plan`), params from meta-device models."""
     from transformers import LlamaForCausalLM
+
+    from pkt.laten import memory_plan as laten_plan
+    from pkt.model import model_shape
 
     with torch.device("meta"):
         teacher = LlamaForCausalLM(config(LLAMA2["13b"], vocab))
         student = LlamaForCausalLM(config(LLAMA2["7b"], vocab))
-        translator = KnowledgeTranslator(LLAMA2["13b"]["hidden_size"], LLAMA2["7b"]["hidden_size"])
-    n_t = sum(p.numel() for p in teacher.parameters())
-    n_s = sum(p.numel() for p in student.parameters())
-    n_tr = sum(p.numel() for p in translator.parameters())
-    d_T, d_S = LLAMA2["13b"]["hidden_size"], LLAMA2["7b"]["hidden_size"]
-    L, ffn = LLAMA2["7b"]["num_hidden_layers"], LLAMA2["7b"]["intermediate_size"]
-    ffn_k, attn_k = int(ffn * transfer_rate), int(d_S * transfer_rate)
-    rows_k = L * (2 * ffn_k + 2 * attn_k)          # translated vectors per step: up, down, v, o
-    T, B = seq, micro_batch_size
-    plan = [
-        ("teacher params (bf16)", n_t * 2, f"{n_t / 1e9:.2f} B params"),
-        ("student params (bf16)", n_s * 2, f"{n_s / 1e9:.2f} B params"),
-        ("translator params (fp32)", n_tr * 4, f"{n_tr / 1e6:.1f} M = 4 x ({d_T}x{d_T} + {d_T}x{d_S})"),
-        ("translator grads (fp32)", n_tr * 4, ""),
-        ("AdamW exp_avg + exp_avg_sq (fp32)", n_tr * 8, ""),
-        ("teacher slices (bf16 + fp32 copy)", rows_k * d_T * 6, f"{rows_k} vectors of {d_T}"),
-        ("translator activations (fp32)", rows_k * d_T * 4, "ReLU output kept for backward"),
-        ("translated (shared with detached leaves) + leaf grads (fp32)", rows_k * d_S * 4 * 2,
-         f"{rows_k} vectors of {d_S}"),
-        ("translator backward transients (fp32)", rows_k * d_T * 4, "grad of the ReLU output"),
-        ("student activations, checkpointed (bf16)", L * B * T * d_S * 2, f"{L} layer inputs of {B}x{T}x{d_S}"),
-        ("one recomputed student layer (bf16)", B * T * (6 * d_S + 4 * ffn) * 2, "q,k,v,o,norms + gate,up,act,prod"),
-        ("logits + fp32 loss + grad", B * T * vocab * (2 + 4 + 4), f"{B}x{T}x{vocab}"),
-        ("locate: fp32 lm_head copy + score chunk", vocab * d_T * 4 + 3 * (1 << 26) * 4, "pkt.attribution"),
-    ]
-    return plan
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    return laten_plan(model_shape(teacher), model_shape(student), n(teacher), n(student), seq=seq,
+                      transfer_rate=transfer_rate, micro_batch_size=micro_batch_size)
 
 
 def print_plan(plan, budget_gb=75.0):
@@ -186,17 +220,25 @@ def print_result(r):
     print(f"device: {r['device']}; teacher {shape(r['teacher'])} -> student {shape(r['student'])}; "
           f"{r['examples_per_step']} examples x {r['tokens']} tokens per step, micro-batch {r['micro_batch_size']}, "
           f"transfer_rate {r['transfer_rate']}; mean of {r['steps']} steps after 1 warm-up\n")
-    print("| locate (T+S) s | extract+align s | AdamW s | save s | **s/step** | peak GB |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| locate (T+S) s | extract s | align s | AdamW s | wait for writer s | snapshot s | **s/step** | "
+          "background write s | peak GB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     peak = f"{r['peak_gb']:.2f}" + (f" (reserved {r['reserved_gb']:.2f})" if r["reserved_gb"] is not None else
                                     " (process max RSS)")
-    print(f"| {m['locate']:.3f} | {m['align']:.3f} | {m['optim']:.3f} | {m['save']:.3f} | **{m['total']:.3f}** "
-          f"| {peak} |")
+    write = f"{r['write_s']:.3f}" if r["write_s"] is not None else "-"
+    print(f"| {m['locate']:.3f} | {m['extract']:.3f} | {m['align']:.3f} | {m['optim']:.3f} | {m['wait']:.3f} | "
+          f"{m['snapshot']:.3f} | **{m['total']:.3f}** | {write} | {peak} |")
+    if r.get("profile"):
+        total = sum(r["profile"].values())
+        print("\n| part of one step (profiled apart) | s | share |\n|---|---:|---:|")
+        for name, sec in r["profile"].items():
+            print(f"| {name} | {sec:.3f} | {sec / total:.0%} |")
 
 
 def main(device: str = "cpu", dry_run: bool = False, steps: int | None = None, n_align: int | None = None,
          seq: int | None = None, transfer_rate: float = 0.1, micro_batch_size: int = 1,
-         gradient_checkpointing: bool | None = None, save: bool = True, threads: int | None = None):
+         gradient_checkpointing: bool | None = None, save: bool = True, threads: int | None = None,
+         profile: bool = False):
     if threads:
         torch.set_num_threads(int(threads))
     if dry_run:
@@ -205,7 +247,7 @@ def main(device: str = "cpu", dry_run: bool = False, steps: int | None = None, n
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda: no CUDA device")
     print_result(bench(device, steps, n_align, seq, transfer_rate, micro_batch_size, gradient_checkpointing,
-                       save=save))
+                       save=save, profile=profile))
 
 
 if __name__ == "__main__":

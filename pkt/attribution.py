@@ -10,6 +10,8 @@ and coefficients `c: [B, n]`:
 one `[n, d] x [d, vocab]` product per layer (shared by all examples), then a chunked log-softmax
 over the vocabulary. `precision="reference"` instead follows the original fp16 path (each candidate
 vector scaled in fp32, cast to fp16, `lm_head` and softmax in fp16), still vectorised.
+`precision="bf16"` runs that one product in bf16 (fp32 accumulation; twice the tensor-core rate of TF32,
+half its memory) and everything else as fp32: measured against fp32 selections in bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pkt.model import decoder_layers, model_shape
 from pkt.data import left_pad
 from pkt.io import fail
 
-PRECISIONS = ("fp32", "reference")
+PRECISIONS = ("fp32", "reference", "bf16")
 # Elements of the [examples, neurons, vocab] logit block materialised at once (fp32: 4 bytes each).
 CHUNK_ELEMENTS = 1 << 26
 # On the CPU the log-softmax runs over cache-sized row blocks of that chunk (4 MiB): memory traffic,
@@ -69,12 +71,13 @@ class Selection:
 class Readout:
     """The logit lens of one model on one batch: `logits(v) = W_U (g * v * s)`.
     `g: [d]` final-norm weight (fp32), `W_U: [V, d]` (fp32, or fp16 in reference precision),
-    `s: [B]`, `targets: [B]`."""
+    `s: [B]`, `targets: [B]`; `W_bf16`: `W_U` in bf16 for the neuron-score product (bf16 precision)."""
     g: torch.Tensor
     W_U: torch.Tensor
     s: torch.Tensor
     targets: torch.Tensor
     precision: str
+    W_bf16: torch.Tensor | None = None
 
     def logp(self, v: torch.Tensor) -> torch.Tensor:
         """log p(target_b) of read-out vectors `v: [..., B, n, d]`-broadcastable as `[B, n, d]` -> `[B, n]`.
@@ -94,10 +97,11 @@ def make_readout(model, tr: Trace, targets: torch.Tensor, precision: str = "fp32
         fail(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     y = tr.y.float()
     sigma = torch.sqrt(y.var(-1, unbiased=False) + 1e-5)
-    W_U = model.lm_head.weight.detach()
+    W_U = model.lm_head.weight.detach().to(y.device)     # y: on the model's main device (placed models)
+    low = W_U.to(torch.bfloat16) if precision == "bf16" else None      # a bf16 model's own weight: no copy
     W_U = W_U.half() if precision == "reference" else W_U.float()        # one copy, reused by every score
-    return Readout(g=model.model.norm.weight.detach().float(), W_U=W_U, s=(sigma + 1e-6) ** -0.5,
-                   targets=targets.to(y.device), precision=precision)
+    return Readout(g=model.model.norm.weight.detach().to(y.device, torch.float32), W_U=W_U,
+                   s=(sigma + 1e-6) ** -0.5, targets=targets.to(y.device), precision=precision, W_bf16=low)
 
 
 def _diff(new: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -144,16 +148,20 @@ def neuron_scores(ro: Readout, base: torch.Tensor, coef: torch.Tensor, cols: tor
     logp0 = ro.logp(base[:, None, :])                                         # [B, 1]
     out = torch.empty(B, n, device=base.device)
     step = max(1, CHUNK_ELEMENTS // (B * V))
-    if ro.precision == "fp32":
+    exact = ro.precision != "reference"                                       # fp32 logits (bf16: its product)
+    if exact:
         z0 = (base * ro.s[:, None] * ro.g) @ ro.W_U.T                         # [B, V]
         block = step if base.is_cuda else max(1, CPU_BLOCK_ELEMENTS // (B * V))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         c = coef[:, lo:hi].float()                                            # [B, k]
-        w = cols[:, lo:hi].float().T                                          # [k, d]
-        if ro.precision == "fp32":
-            with _tf32(TF32):
-                P = (w * ro.g) @ ro.W_U.T                               # [k, V], shared by examples
+        w = cols[:, lo:hi].to(base.device, torch.float32).T                   # [k, d] (placed: layer's device)
+        if exact:
+            if ro.W_bf16 is not None:
+                P = (w * ro.g).to(torch.bfloat16) @ ro.W_bf16.T               # [k, V] bf16, fp32 accumulation
+            else:
+                with _tf32(TF32):
+                    P = (w * ro.g) @ ro.W_U.T                                 # [k, V], shared by examples
             new = _shifted_logp(z0, c * ro.s[:, None], P, ro.targets, block)
         else:
             new = ro.logp(base[:, None, :] + c[:, :, None] * w[None])         # [B, k] fp16
@@ -197,7 +205,8 @@ def attn_neuron_scores(model, ro: Readout, tr: Trace, layers: list[int]) -> torc
 
 
 def _last_example(ro: Readout) -> Readout:
-    return Readout(g=ro.g, W_U=ro.W_U, s=ro.s[-1:], targets=ro.targets[-1:], precision=ro.precision)
+    return Readout(g=ro.g, W_U=ro.W_U, s=ro.s[-1:], targets=ro.targets[-1:], precision=ro.precision,
+                   W_bf16=ro.W_bf16)
 
 
 # ---------------------------------------------------------------------------------------- selection

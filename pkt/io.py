@@ -444,6 +444,54 @@ def save_model(model, path, tokenizer=None, files: dict | None = None) -> None:
             write_json(Path(tmp) / name, obj)
 
 
+class BackgroundWriter:
+    """Runs write jobs one at a time in one background thread, so a training loop does not wait on the disk.
+
+    `submit(fn, *args)` first waits for the previous job (at most one write in flight; its error, if any, is
+    raised here), then starts `fn(*args)`; `wait()` joins the job in flight. As a context manager it joins at
+    exit, also when the loop raised: a write that started completes (its `atomic_dir` renames a whole
+    checkpoint into place), and a crash leaves at most a temporary sibling that the next run removes.
+    `background=False` runs every job inline (same files, same order). The job must own its inputs (CPU
+    copies): the caller keeps changing its live tensors."""
+
+    def __init__(self, background: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkt-writer") if background else None
+        self._pending = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        if self._pool is None:
+            fn(*args)
+        else:
+            self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return
+        try:              # the loop failed: still finish the write in flight, but report the loop's error
+            self.close()
+        except Exception as e:  # noqa: BLE001
+            logging.getLogger("pkt.io").error("background write failed too: %s", e)
+
+
 def scan_checkpoints(root, sep: str, marker: str | None = None) -> list[tuple[int, Path]]:
     """`(step, path)` of the checkpoint directories `checkpoint<sep><step>` under `root`, oldest first; with
     `marker`, only those holding that file (a complete checkpoint). LaTen names them `checkpoint_<step>`,
@@ -592,12 +640,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path, dtype="auto", device=None, flag="--model", attn_implementation=None):
+def load_model(name_or_path, dtype="auto", device=None, flag="--model", attn_implementation=None, max_memory=None):
     """AutoModelForCausalLM in `dtype` ('auto' = as saved; None = `default_dtype(device)`) on `device`
-    (default: CUDA when present)."""
+    (default: CUDA when present). `device="auto"`: placed across the visible GPUs (the CPU as a last resort)
+    by `pkt.placement.load_auto`, within `max_memory` (accelerate's per-device budget) when given."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name_or_path, flag)
+    if device == "auto":
+        from pkt.placement import load_auto
+
+        return load_auto(name_or_path, dtype, max_memory, attn_implementation)
     device = device or default_device()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _loading(name_or_path, flag):

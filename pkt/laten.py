@@ -17,6 +17,7 @@ by rank lands on the i-th student neuron by rank. Only the translator trains; te
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -33,9 +34,10 @@ from knowledge_translator import KnowledgeTranslator
 from modeling_llama_laten import Delta, fold, inject
 from pkt.attribution import PRECISIONS, locate
 from pkt.data import load_chat_jsonl, locate_ids, micro_batches
-from pkt.io import (append_jsonl, atomic_dir, check_device, check_model_path, check_output, check_safetensors,
-                    default_device, default_dtype, fail, holds_run, last_good_checkpoint, load_model, load_tokenizer,
-                    non_finite, number_flag, parse_list, resolve_dtype, save_model, scan_checkpoints, truncate_log)
+from pkt.io import (BackgroundWriter, append_jsonl, atomic_dir, check_device, check_model_path, check_output,
+                    check_safetensors, default_device, default_dtype, fail, holds_run, last_good_checkpoint, load_model,
+                    load_tokenizer, non_finite, number_flag, parse_list, resolve_dtype, save_model, scan_checkpoints,
+                    truncate_log)
 from pkt.model import (MLP_MODULES, ROW_MODULES, TRANSFER_MODULES, Shape, attention_neuron_v_rows, decoder_layers,
                        linear, model_shape, parse_modules)
 
@@ -74,14 +76,74 @@ def freeze(model):
 
 
 def load_pair(source_model, target_model, dtype=None, teacher_device=None, student_device=None) -> ModelPair:
-    """Teacher and student loaded frozen, both in `dtype` (None: `default_dtype` of the student's device)."""
+    """Teacher and student loaded frozen, both in `dtype` (None: `default_dtype` of the student's device).
+    `teacher_device="auto"`: the teacher is placed across the visible GPUs (`pkt.placement`), leaving room on
+    the student's GPU (default: the first) for the student and the translator's training (`memory_plan`)."""
     teacher_device = teacher_device or default_device()
-    student_device = student_device or teacher_device
+    student_device = student_device or (default_device() if teacher_device == "auto" else teacher_device)
     dtype = dtype or default_dtype(student_device)
-    teacher = freeze(load_model(source_model, dtype=dtype, device=teacher_device, flag="--source_model"))
+    budget = teacher_budget(source_model, target_model, dtype, student_device) if teacher_device == "auto" else None
+    teacher = freeze(load_model(source_model, dtype=dtype, device=teacher_device, flag="--source_model",
+                                max_memory=budget))
     student = freeze(load_model(target_model, dtype=dtype, device=student_device, flag="--target_model"))
     return ModelPair(teacher, student, load_tokenizer(source_model, "--source_model"),
                      load_tokenizer(target_model, "--target_model"), student_device)
+
+
+def memory_plan(teacher_shape: Shape, student_shape: Shape, teacher_params: int, student_params: int, seq: int = 768,
+                transfer_rate: float = 0.1, micro_batch_size: int = 1, weight_bytes: int = 2,
+                n_modules: int = len(TRANSFER_MODULES)) -> list[tuple[str, int, str]]:
+    """(item, bytes, note) of one training step on the student's device, by formula from the shapes (params
+    counted on meta-device models by the caller): weights in `weight_bytes`, the translator fp32 + AdamW,
+    the translated slices, the checkpointed student's activations and the locate read-out."""
+    d_T, d_S, L, ffn, V = (teacher_shape.hidden, student_shape.hidden, student_shape.layers, student_shape.ffn,
+                           student_shape.vocab)
+    n_tr = n_modules * (d_T * d_T + d_T * d_S)
+    ffn_k, attn_k = int(ffn * transfer_rate), int(d_S * transfer_rate)
+    rows_k = L * (2 * ffn_k + 2 * attn_k)          # translated vectors per step: up, down, v, o
+    T, B = seq, micro_batch_size
+    w = {2: "bf16", 4: "fp32"}.get(weight_bytes, f"{weight_bytes} B")
+    return [
+        (f"teacher params ({w})", teacher_params * weight_bytes, f"{teacher_params / 1e9:.2f} B params"),
+        (f"student params ({w})", student_params * weight_bytes, f"{student_params / 1e9:.2f} B params"),
+        ("translator params (fp32)", n_tr * 4, f"{n_tr / 1e6:.1f} M = {n_modules} x ({d_T}x{d_T} + {d_T}x{d_S})"),
+        ("translator grads (fp32)", n_tr * 4, ""),
+        ("AdamW exp_avg + exp_avg_sq (fp32)", n_tr * 8, ""),
+        (f"teacher slices ({w} + fp32 copy)", rows_k * d_T * (weight_bytes + 4), f"{rows_k} vectors of {d_T}"),
+        ("translator activations (fp32)", rows_k * d_T * 4, "ReLU output kept for backward"),
+        ("translated (shared with detached leaves) + leaf grads (fp32)", rows_k * d_S * 4 * 2,
+         f"{rows_k} vectors of {d_S}"),
+        ("translator backward transients (fp32)", rows_k * d_T * 4, "grad of the ReLU output"),
+        (f"student activations, checkpointed ({w})", L * B * T * d_S * weight_bytes,
+         f"{L} layer inputs of {B}x{T}x{d_S}"),
+        (f"one recomputed student layer ({w})", B * T * (6 * d_S + 4 * ffn) * weight_bytes,
+         "q,k,v,o,norms + gate,up,act,prod"),
+        ("logits + fp32 loss + grad", B * T * V * (weight_bytes + 4 + 4), f"{B}x{T}x{V}"),
+        ("locate: fp32 lm_head copy + score chunk", teacher_shape.vocab * d_T * 4 + 3 * (1 << 26) * 4,
+         "pkt.attribution"),
+    ]
+
+
+def student_reserve(teacher, student, weight_bytes: int = 2) -> int:
+    """Bytes the student's GPU keeps for the student and one translator training step (`memory_plan` at its
+    defaults) when the teacher is placed with `--teacher_device auto` (`teacher`, `student`: meta models)."""
+    items = memory_plan(model_shape(teacher), model_shape(student), sum(p.numel() for p in teacher.parameters()),
+                        sum(p.numel() for p in student.parameters()), weight_bytes=weight_bytes)
+    return sum(b for name, b, _ in items if not name.startswith("teacher params"))
+
+
+def teacher_budget(source_model, target_model, dtype, student_device) -> dict:
+    """accelerate's max_memory for a teacher placed with `--teacher_device auto`: every visible GPU (less the
+    `student_reserve` on the student's) and the CPU."""
+    from pkt import placement
+    from pkt.io import meta_model
+
+    gpus, idx = placement.visible_gpus(), placement.device_index(student_device)
+    reserve = {}
+    if idx in gpus:
+        reserve[idx] = student_reserve(meta_model(source_model, "--source_model"),
+                                       meta_model(target_model, "--target_model"), placement.element_size(dtype))
+    return placement.max_memory(gpus, placement.free_cpu_memory(), reserve=reserve)
 
 
 def enable_checkpointing(student) -> None:
@@ -173,9 +235,10 @@ def extract(model, selection, modules, shape: Shape | None = None, device=None) 
         slices = []
         for i, layer in enumerate(layers):
             w = linear(model, layer, m).weight
+            device = device or w.device   # a placed teacher (--teacher_device auto) spans devices: gather on one
             index = _index(shape, m, neurons[i]).to(w.device)
-            slices.append(w.index_select(0 if m in ROW_MODULES else 1, index))
-        out[m] = torch.stack(slices).to(device or slices[0].device, copy=True)
+            slices.append(w.index_select(0 if m in ROW_MODULES else 1, index).to(device))
+        out[m] = torch.stack(slices)      # index_select and stack copy: detached from the weights
     return out
 
 
@@ -292,19 +355,68 @@ def resume_checkpoint(resume, save_dir) -> Path | None:
 
 
 def save_checkpoint(save_dir, step: int, translator, optimizer, scheduler, order: list[int],
-                    keep_all_states: bool = False) -> Path:
-    """checkpoint_<step>/ written atomically: the translator (`translator.safetensors` + config) and
-    `trainer_state.pt` (optimizer, scheduler, Python/torch RNG as they are now, step, example order) for
-    `--resume`. Unless `keep_all_states`, older checkpoints lose their trainer state (~1.5 GB at 13B->7B)."""
-    ckpt = Path(save_dir) / f"checkpoint{CHECKPOINT_SEP}{step}"
+                    keep_all_states: bool = False, with_state: bool = True) -> Path:
+    """checkpoint_<step>/ written now (atomically): `snapshot` + `write_checkpoint`."""
+    return write_checkpoint(save_dir, snapshot(step, translator, optimizer, scheduler, order, with_state),
+                            keep_all_states)
+
+
+def has_state(step: int, n_steps: int, save_every: int) -> bool:
+    """Whether checkpoint_<step> carries the trainer state: every `save_every` steps and at the last step.
+    (The translator itself is written every step, as the reference does.)"""
+    return (step + 1) % save_every == 0 or step == n_steps - 1
+
+
+def _cpu_copy(obj):
+    """Tensors (nested in dicts/lists/tuples) copied to the CPU, everything else deep-copied: a snapshot that
+    the next optimizer step, which updates its tensors in place, cannot change. CUDA tensors go to pinned
+    memory without blocking (one synchronize in `snapshot`), about 25 GB/s instead of ~10 for pageable."""
+    if torch.is_tensor(obj):
+        t = obj.detach()
+        if t.is_cuda:
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return out.copy_(t, non_blocking=True)
+        return t.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def snapshot(step: int, translator, optimizer, scheduler, order: list[int], with_state: bool = True) -> dict:
+    """What checkpoint_<step> holds, as CPU copies taken now: the translator's weights and, `with_state`, the
+    trainer state (optimizer, scheduler, Python/torch RNG as they are now, step, example order)."""
+    snap = {"step": step, "translator": _cpu_copy(translator.state_dict()), "config": translator.config(),
+            "trainer_state": None}
+    if with_state:
+        snap["trainer_state"] = _cpu_copy({
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(), "step": step, "order": order})
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()        # the non-blocking copies of _cpu_copy have landed
+    return snap
+
+
+def checkpoint_then_log(save_dir, snap: dict, keep_all_states: bool, log_path, record: dict) -> None:
+    """One step's writes, in `train`'s background thread: checkpoint_<step>, then its train_log.jsonl line, so a
+    log line never outlives a checkpoint that failed to write (a full disk leaves neither)."""
+    write_checkpoint(save_dir, snap, keep_all_states)
+    append_jsonl(log_path, record)
+
+
+def write_checkpoint(save_dir, snap: dict, keep_all_states: bool = False) -> Path:
+    """checkpoint_<step>/ written atomically from a `snapshot`: `translator.safetensors` + config and, when the
+    snapshot has one, `trainer_state.pt` (for `--resume`). Unless `keep_all_states`, a new trainer state
+    removes the older checkpoints' ones (~1.5 GB each at 13B->7B). Safe to run in a background thread."""
+    ckpt = Path(save_dir) / f"checkpoint{CHECKPOINT_SEP}{snap['step']}"
     with atomic_dir(ckpt) as tmp:
-        translator.save_into(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
-                    "order": order}, tmp / TRAINER_STATE)
-    if not keep_all_states:
+        KnowledgeTranslator.write_files(tmp, snap["translator"], snap["config"])
+        if snap["trainer_state"] is not None:
+            torch.save(snap["trainer_state"], tmp / TRAINER_STATE)
+    if snap["trainer_state"] is not None and not keep_all_states:
         for s, p in checkpoints(save_dir, complete=True):
-            if s != step:
+            if s != snap["step"]:
                 (p / TRAINER_STATE).unlink()
     return ckpt
 
@@ -373,7 +485,7 @@ def _check_placement(cfg) -> None:
     """--dtype, --teacher_device and --student_device of a LaTen stage."""
     if cfg.dtype is not None:
         resolve_dtype(cfg.dtype)
-    check_device(cfg.teacher_device, "--teacher_device")
+    check_device(cfg.teacher_device, "--teacher_device", allow_auto=True)   # pkt.placement
     check_device(cfg.student_device, "--student_device")
 
 
@@ -386,16 +498,28 @@ def check_translator_finite(translator, step: int, save_dir, what: str = "weight
              f"--learning_rate); stopped, {last_good_checkpoint(checkpoints(save_dir))}")
 
 
+def _check_saving(cfg) -> None:
+    if isinstance(cfg.save_every, bool) or not isinstance(cfg.save_every, int) or cfg.save_every < 1:
+        fail(f"--save_every {cfg.save_every!r}: expected an integer >= 1")
+
+
 @dataclass
 class TrainConfig:
     """Train the translator; writes <output_dir>/<translator_save_name>/checkpoint_<step>/ and train_log.jsonl.
 
-    --save_trainer_state last|all: keep trainer_state.pt (optimizer/scheduler/RNG, for --resume) only in the
-    newest checkpoint (default; at 13B->7B it is ~1.5 GB) or in every one. An existing run directory is
+    The translator is written every step (checkpoint_<step>/translator.safetensors, as the reference);
+    --save_every N: the trainer state (trainer_state.pt: optimizer/scheduler/RNG, for --resume; ~1.5 GB at
+    13B->7B) goes into every N-th checkpoint and the last one (--resume continues from the newest one that
+    has it; N=1 writes it every step). --background_save (default True) writes checkpoints in a background
+    thread from CPU copies taken at the step, off the critical path (joined before the next write and at exit).
+    --save_trainer_state last|all: keep the trainer state only in the newest checkpoint that has one (default)
+    or in every one that was given one. An existing run directory is
     an error unless --resume (continue it) or --overwrite (start over: its checkpoints and log are removed).
     --dtype defaults to bf16 on CUDA, fp32 elsewhere (fp16: the reference's numerics, translator output cast to
     fp16); --gradient_checkpointing to on when the student is on CUDA. --mask_first_response_token True (the
     reference) masks the first response token's label as well; False supervises the whole response.
+    --teacher_device auto places a teacher larger than one GPU across the visible GPUs (the CPU as a last
+    resort), leaving room for the student on --student_device (default: the first GPU); see docs/gpu.md.
     """
     source_model: str = "meta-llama/Llama-2-13b-chat-hf"
     target_model: str = "meta-llama/Llama-2-7b-chat-hf"
@@ -423,6 +547,8 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None
     save_trainer_state: str = "last"
     overwrite: bool = False
+    save_every: int = 5
+    background_save: bool = True
     modules: list = field(init=False, repr=False)        # lora_target_modules, parsed
     save_dir: Path = field(init=False, repr=False)       # output_dir / translator_save_name
     resume_from: Path | None = field(init=False, repr=False)
@@ -436,6 +562,7 @@ class TrainConfig:
         _check_placement(self)
         if self.save_trainer_state not in ("last", "all"):
             fail(f"--save_trainer_state {self.save_trainer_state}: expected last or all")
+        _check_saving(self)
         if int(self.micro_batch_size) < 1 or int(self.n_align) < 0 or int(self.cutoff_len) < 2:
             fail("--micro_batch_size must be >= 1, --n_align >= 0, --cutoff_len >= 2")
         if self.max_steps is not None and int(self.max_steps) < 1:
@@ -455,7 +582,13 @@ class TrainConfig:
 
 
 def train(cfg: TrainConfig) -> str:
-    """One optimizer step per example of the (shuffled) extract split; returns the run directory."""
+    """One optimizer step per example of the (shuffled) extract split; returns the run directory. Checkpoints
+    are written by a `BackgroundWriter`, joined before this returns or raises."""
+    with BackgroundWriter(cfg.background_save) as writer:
+        return _train(cfg, writer)
+
+
+def _train(cfg: TrainConfig, writer: BackgroundWriter) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     extract_data = load_chat_jsonl(cfg.extract_data_path)
     align_data = load_chat_jsonl(cfg.align_data_path)
@@ -508,10 +641,11 @@ def train(cfg: TrainConfig) -> str:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        snap = None     # the previous step's snapshot: its pinned blocks are reused once it is written
+        writer.wait()   # that write (done by now, unless the disk is slower than a step); its error surfaces here
         check_translator_finite(translator, step, cfg.save_dir)   # never checkpoint a non-finite state
-        save_checkpoint(cfg.save_dir, step, translator, optimizer, scheduler, order,
-                        keep_all_states=cfg.save_trainer_state == "all")
-        append_jsonl(log_path, {
+        snap = snapshot(step, translator, optimizer, scheduler, order, has_state(step, n_steps, cfg.save_every))
+        writer.submit(checkpoint_then_log, cfg.save_dir, snap, cfg.save_trainer_state == "all", log_path, {
             "step": step, "loss": stats["loss"], "lm_loss": stats["lm_loss"], "mse_loss": stats["mse_loss"],
             "lr": lr, "seconds": round(time.time() - t0, 3),
             "teacher_ffn_layers": list(t_sel.ffn_layers), "student_ffn_layers": list(s_sel.ffn_layers),
@@ -519,6 +653,7 @@ def train(cfg: TrainConfig) -> str:
             "example_id": rec.get("id", f"extract:{order[step]}"), "grad_norm": stats["grad_norm"],
             "align_example_ids": [align_data[i].get("id", f"align:{i}") for i in align_rows],
             "micro_batches": stats["micro_batches"], "skipped_micro_batches": stats["skipped_micro_batches"]})
+    writer.wait()       # the last checkpoint and its log line are on disk
     log.info("done: %s", cfg.save_dir)
     print(cfg.save_dir)
     return str(cfg.save_dir)
@@ -542,6 +677,7 @@ class TransferConfig:
     --transfer_rates / --steps: lists ('[0.1,0.3]' or 0.1,0.3); the defaults are the reference script's ([0.1],
     [0]). --locate_with_bos True (the reference's inference tokenizer) locates on BOS + text; False on the
     text alone, as training does. An existing output is an error unless --overwrite.
+    --teacher_device auto places the teacher across the visible GPUs (see train's help and docs/gpu.md).
     """
     source_model: str = "meta-llama/Llama-2-13b-chat-hf"
     target_model: str = "meta-llama/Llama-2-7b-chat-hf"

@@ -28,7 +28,8 @@ from pkt.data import IGNORE, encode_chat, load_chat_jsonl, task_split
 from pkt.io import (check_device, check_model_path, check_output, fail, int_flag, load_model, load_tokenizer,
                     meta_model, number_flag, resolve_dtype)
 from pkt.lora import extracted_adapter, save_adapter
-from pkt.model import ALL_MODULES, EMBED_MODULES, LINEAR_MODULES, parse_modules
+from pkt.model import ALL_MODULES, EMBED_MODULES, LINEAR_MODULES, decoder_layers, model_shape, parse_modules
+from pkt.placement import main_device
 
 log = logging.getLogger("pkt.postpkt")
 
@@ -135,11 +136,12 @@ def sensitivity(model, examples: list[dict], params: dict[str, torch.nn.Paramete
 
     `examples`: dicts of `input_ids`/`labels` lists (one backward per example; the reference's
     per-example |.| cannot be batched). Returns ({name: fp32 accumulator of the parameter's shape on
-    `accum_device`}, number of examples used). Parameters outside `params` get no gradient at all.
+    `accum_device`, default: the parameter's own device}, number of examples used). Parameters outside
+    `params` get no gradient at all. A model placed across devices (`pkt.placement`) works as is.
     """
-    device = next(model.parameters()).device
-    accum_device = torch.device(accum_device) if accum_device else device
-    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=accum_device) for name, p in params.items()}
+    device = main_device(model)
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=accum_device or p.device)
+           for name, p in params.items()}
     tracked = {id(p) for p in params.values()}
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -149,7 +151,7 @@ def sensitivity(model, examples: list[dict], params: dict[str, torch.nn.Paramete
         def hook(p):
             # |theta * grad| in fp32, added in place; the gradient is freed right away.
             s = p.detach().float().mul_(p.grad.float()) if p.dtype != torch.float32 else p.detach() * p.grad
-            acc[name].add_(s.abs_().to(accum_device, non_blocking=False))
+            acc[name].add_(s.abs_().to(acc[name].device, non_blocking=False))
             p.grad = None
         return hook
 
@@ -157,6 +159,10 @@ def sensitivity(model, examples: list[dict], params: dict[str, torch.nn.Paramete
     used = 0
     was_training = model.training
     model.eval()
+    layers = decoder_layers(model)
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        for layer in layers:   # HF recomputes only layers in training mode: flag those alone (no dropout elsewhere)
+            layer.training = True
     try:
         for ex in tqdm(examples, desc="sensitivity", disable=not progress):
             labels = torch.tensor([ex["labels"]], device=device)
@@ -227,6 +233,36 @@ def to_fp16(t: torch.Tensor, what: str) -> torch.Tensor:
     return h
 
 
+def sensitivity_budget(shape, weight_bytes: int, cutoff_len: int, gradient_checkpointing: bool, accum_on_gpu: bool,
+                       gpus: dict, cpu: int) -> dict:
+    """accelerate's max_memory for a teacher of `shape` placed for the sensitivity pass: on every GPU room for
+    one example's activations (by formula at `cutoff_len`, split over the GPUs as the layers are) and, with
+    `accum_on_gpu`, the fp32 accumulators beside the weights; the CPU as a last resort."""
+    from pkt import placement
+
+    act = activation_bytes(shape, weight_bytes, cutoff_len, gradient_checkpointing)
+    share = weight_bytes / (weight_bytes + 4) if accum_on_gpu else 1.0
+    return placement.max_memory(gpus, cpu, headroom=placement.HEADROOM + act // max(1, len(gpus)), weight_share=share)
+
+
+def activation_bytes(shape, weight_bytes: int, cutoff_len: int, gradient_checkpointing: bool = False) -> int:
+    """Rough bytes kept for the backward of one example of `cutoff_len` tokens: per layer ~10 d + 4 ffn values
+    per token (sdpa attention; d with gradient checkpointing), plus fp32 logits / log-softmax / grad."""
+    T = int(cutoff_len)
+    per_token = shape.hidden if gradient_checkpointing else 10 * shape.hidden + 4 * shape.ffn
+    return shape.layers * T * per_token * weight_bytes + 3 * T * shape.vocab * 4
+
+
+def teacher_budget(cfg) -> dict:
+    """`sensitivity_budget` of `--device auto` for this run, over the visible GPUs and the free CPU memory."""
+    from pkt import placement
+    from pkt.io import meta_model
+
+    shape = model_shape(meta_model(cfg.source_model, "--source_model"))
+    return sensitivity_budget(shape, placement.element_size(cfg.dtype), cfg.cutoff_len, cfg.gradient_checkpointing,
+                              cfg.accum_device != "cpu", placement.visible_gpus(), placement.free_cpu_memory())
+
+
 def memory_plan(teacher, tracked_params: int, accum_device: str, model_device: str) -> str:
     """One-line memory note for the sensitivity pass."""
     n_all = sum(p.numel() for p in teacher.parameters())
@@ -290,7 +326,9 @@ class ExtractConfig:
 
     --target_model (or --target_config: only the student's shapes are read); --data_path defaults to
     <data_dir>/<task>/<task>_extract_split.jsonl. --accum_device cpu keeps the fp32 accumulators off the
-    GPU. --include_embeddings adds embed_tokens and lm_head (equal vocabularies needed). An existing output is
+    GPU. --device auto places a teacher larger than one GPU across the visible GPUs (the CPU as a last
+    resort), with room for the accumulators (unless --accum_device cpu) and activations; docs/gpu.md.
+    --include_embeddings adds embed_tokens and lm_head (equal vocabularies needed). An existing output is
     an error unless --overwrite."""
     source_model: str
     output_dir: str
@@ -329,7 +367,7 @@ class ExtractConfig:
         int_flag(self.cutoff_len, "--cutoff_len", 2)
         number_flag(self.lora_dropout, "--lora_dropout", 0, high=1, high_strict=True)
         resolve_dtype(self.dtype)
-        check_device(self.device, "--device")
+        check_device(self.device, "--device", allow_auto=True)   # the teacher, placed by pkt.placement
         check_device(self.accum_device, "--accum_device")
         check_model_path(self.source_model, "--source_model")
         check_model_path(self.target, self.target_flag)
@@ -366,12 +404,13 @@ def extract(cfg: ExtractConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.source_model, "--source_model")
     examples = [encode_chat(tokenizer, r["messages"], int(cfg.cutoff_len), cfg.add_bos) for r in records]
-    teacher = load_model(cfg.source_model, dtype=cfg.dtype, device=cfg.device, flag="--source_model")
+    teacher = load_model(cfg.source_model, dtype=cfg.dtype, device=cfg.device, flag="--source_model",
+                         max_memory=teacher_budget(cfg) if cfg.device == "auto" else None)
     if cfg.gradient_checkpointing:
         teacher.gradient_checkpointing_enable()
         teacher.config.use_cache = False
-    model_device = next(teacher.parameters()).device
-    accum_device = cfg.accum_device or model_device
+    model_device = main_device(teacher)
+    accum_device = cfg.accum_device      # None: beside each parameter (on every device of a placed teacher)
 
     # Track decoder-layer parameters (layer scores) and, if needed, the embedding / lm_head.
     embed_params = set()
@@ -379,7 +418,8 @@ def extract(cfg: ExtractConfig) -> dict:
         embed_params = {id(teacher.get_input_embeddings().weight), id(teacher.get_output_embeddings().weight)}
     params = {n: p for n, p in teacher.named_parameters()
               if layer_index(n) is not None or id(p) in embed_params}
-    print(memory_plan(teacher, sum(p.numel() for p in params.values()), str(accum_device), str(model_device)),
+    print(memory_plan(teacher, sum(p.numel() for p in params.values()), str(accum_device or model_device),
+                      str(model_device)),
           flush=True)
     sens, used = sensitivity(teacher, examples, params, accum_device=accum_device)
     if used == 0:

@@ -104,7 +104,7 @@ def _ref_model(**kw):
     return AutoModelForCausalLM.from_pretrained(REF_DIR, dtype=torch.float16, **kw).eval()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "reference"])
+@pytest.mark.parametrize("precision", ["fp32", "reference", "bf16"])
 def test_locate_reproduces_the_reference_selection(precision):
     model = _ref_model(attn_implementation="eager")
     sel = locate(model, [REF["input_ids"]], n_layers=4, ffn_k=68, attn_k=25, precision=precision)

@@ -24,7 +24,7 @@ from pkt.model import model_shape
 
 STEPS = 5
 TRAIN = dict(learning_rate=3e-2, transfer_rate=0.5, n_align=7, micro_batch_size=4, seed=0, dtype="fp32",
-             teacher_device="cpu", student_device="cpu", save_trainer_state="all")
+             teacher_device="cpu", student_device="cpu", save_trainer_state="all", save_every=1)
 
 
 @pytest.fixture(scope="module")
