@@ -82,7 +82,8 @@ def test_paper_protocol_is_zero_shot(student_dir, tmp_path):
     ("gsm_limit", -5), ("mmlu_per_subject", 0), ("temperature", -1.0), ("temperature", float("nan")),
     ("top_p", 0.0), ("top_p", 2.0), ("n", 0), ("batch_size", 0), ("max_new_tokens", 0), ("gsm_shots", 3),
     ("mmlu_shots", 1), ("protocol", "tulu"), ("limit_mode", "last"), ("sandbox", "maybe"), ("backend", "tgi"),
-    ("device", "gpu0"), ("dtype", "fp8"), ("tasks", "gsm,squad"), ("limit", "abc")])
+    ("device", "gpu0"), ("dtype", "fp8"), ("tasks", "gsm,squad"), ("limit", "abc"), ("tensor_parallel_size", 0),
+    ("tensor_parallel_size", 2)])   # 2 without --backend vllm
 def test_bad_flags_are_refused_naming_the_flag(flag, value):
     with pytest.raises(PKTError, match=f"--{flag}"):
         config_from_flags(EvalConfig, {"model_path": "m", flag: value})
@@ -322,3 +323,15 @@ def test_adapter_path(student_dir, chat_jsonl, tmp_path):
     adapted = evaluate(EvalConfig(model_path=student_dir, tasks="nll", output_dir=str(tmp_path / "b"), nll_data=data,
                                   adapter_path=str(tmp_path / "adapter")))
     assert adapted["adapter_path"] and adapted["tasks"]["nll"]["nll"] != plain["tasks"]["nll"]["nll"]
+
+
+def test_tensor_parallel_size_reaches_the_vllm_engine(monkeypatch):
+    from pkt.eval import generate
+
+    seen = {}
+    monkeypatch.setattr(generate, "vllm_available", lambda: True)
+    monkeypatch.setattr(generate, "load_vllm", lambda path, seed, **kw: seen.update(kw) or object())
+    cfg = EvalConfig(model_path="m", backend="vllm", tensor_parallel_size=4)
+    backend = generate.load_backend(None, "m", backend=cfg.backend, needs_hf=False,
+                                    tensor_parallel_size=cfg.tensor_parallel_size)
+    assert seen == {"tensor_parallel_size": 4} and backend.name == "vllm"

@@ -247,9 +247,10 @@ def load_eval_tokenizer(model_path: str, adapter_path: str | None = None):
 
 
 def load_backend(tokenizer, model_path: str, adapter_path: str | None = None, backend: str = "hf",
-                 needs_hf: bool = True, dtype="auto", device=None, batch_size: int = 8, seed: int = 42) -> Backend:
-    """vLLM when asked for and usable (CUDA, no adapter), and the HF model (with the PEFT adapter on top)
-    when HF generates or `needs_hf` (logits, likelihoods)."""
+                 needs_hf: bool = True, dtype="auto", device=None, batch_size: int = 8, seed: int = 42,
+                 tensor_parallel_size: int = 1) -> Backend:
+    """vLLM when asked for and usable (CUDA, no adapter; `tensor_parallel_size` GPUs share its engine), and the
+    HF model (with the PEFT adapter on top) when HF generates or `needs_hf` (logits, likelihoods)."""
     from pkt.io import load_model
 
     llm = None
@@ -259,7 +260,7 @@ def load_backend(tokenizer, model_path: str, adapter_path: str | None = None, ba
         elif not vllm_available():
             print("note: vLLM not importable or no CUDA device; using the HF backend")
         else:
-            llm = load_vllm(model_path, seed=seed)
+            llm = load_vllm(model_path, seed=seed, tensor_parallel_size=int(tensor_parallel_size))
     model = None
     if llm is None or needs_hf:
         model = load_model(model_path, dtype=dtype, device=device, flag="--model_path")

@@ -87,6 +87,7 @@ class EvalConfig(_Shared):
     nll_data: str | None = None
     batch_size: int = 8
     backend: str = "hf"
+    tensor_parallel_size: int = 1
     dtype: str = "auto"
     device: str | None = None
     seed: int = 42
@@ -115,6 +116,9 @@ class EvalConfig(_Shared):
         int_flag(self.batch_size, "--batch_size", low=1)
         int_flag(self.seed, "--seed")
         _choice(self.backend, "--backend", BACKENDS)
+        int_flag(self.tensor_parallel_size, "--tensor_parallel_size", low=1)
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            fail(f"--tensor_parallel_size {self.tensor_parallel_size} shards vLLM's engine: it needs --backend vllm")
         resolve_dtype(self.dtype)
         if self.device is not None:
             _check_device(self.device)
@@ -210,7 +214,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     backend = load_backend(tokenizer, cfg.model_path, cfg.adapter_path, cfg.backend,
                            needs_hf=any(t.NEEDS_HF for t in tasks), dtype=cfg.dtype, device=cfg.device,
-                           batch_size=cfg.batch_size, seed=cfg.seed)
+                           batch_size=cfg.batch_size, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size)
     summary = {"model_path": str(cfg.model_path), "adapter_path": cfg.adapter_path, "backend": backend.name,
                "protocol": cfg.protocol, "knobs": cfg.knobs(), "tasks": {}}
     with atomic_dir(cfg.output_dir) as out:
