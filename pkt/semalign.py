@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pkt.budget import BUDGET_FILE, Tally
 from pkt.data import IGNORE, collate_left, load_chat_jsonl, tokenize_example
 from pkt.io import (
+    check_device,
     check_model_path,
     check_output,
     default_device,
@@ -69,6 +70,8 @@ LR_SCHEDULES = ("linear", "constant")
 
 
 def _device(model) -> torch.device:
+    """Where a model's read-outs run: its LM head's device (for a teacher placed over several devices with
+    --teacher_device auto, accelerate's hooks move each layer's inputs to that layer's device)."""
     return unembedding(model).device
 
 
@@ -276,9 +279,9 @@ def layer_attribution(model, batches: list[dict], sign: str = "abs", reduce: str
         keep = (mask.bool() if tokens == "all" else sup) & valid[:, None]
         n_tok = keep.sum(1).clamp_min(1)
         with torch.no_grad():
-            for i, g in enumerate(grads):
-                x = acts[i].float() - (hs[i].float() if at == "update" else 0.0)
-                e = x * g.float()
+            for i, g in enumerate(grads):   # on the read-out's device (a placed teacher spans several)
+                x = acts[i].to(dev, torch.float32) - (hs[i].to(dev, torch.float32) if at == "update" else 0.0)
+                e = x * g.to(dev, torch.float32)
                 e = (e.abs() if sign == "abs" else e).sum(-1)                           # [B, T]
                 per = torch.where(keep, e, torch.zeros_like(e)).sum(1)
                 if reduce == "mean":
@@ -393,7 +396,7 @@ def pairing_record(pairs: list[Pair]) -> list[dict]:
 def layer_update(hs: dict, depth: int) -> torch.Tensor:
     """The decoder layer's whole update `h_out - h_in` (attention + MLP: the output before the residual
     addition) of the paper's layer `depth` -> `[B, T, d]` in the stream's dtype."""
-    return hs[depth] - hs[depth - 1]
+    return hs[depth] - hs[depth - 1].to(hs[depth].device)   # the two ends sit on two GPUs of a placed teacher
 
 
 def pair_depths(pairs: list[Pair], side: str) -> set[int]:
@@ -874,6 +877,8 @@ class SemAlignConfig:
         if self.variant == "v2" and self.relation_weight == 0 and self.kl_weight == 0:
             fail("--relation_weight and --kl_weight are both 0: nothing to train")
         resolve_dtype(self.dtype)
+        check_device(self.teacher_device, "--teacher_device", allow_auto=True)   # auto: pkt.placement
+        check_device(self.student_device, "--student_device")
 
     def schedule(self) -> Schedule:
         return Schedule(lr=self.learning_rate, epochs=self.epochs, batch_size=self.batch_size,
@@ -939,6 +944,25 @@ def print_memory_plans(cfg: SemAlignConfig, budget_gb: float = 75.0) -> dict:
     return plans
 
 
+def teacher_budget(cfg: SemAlignConfig, dtype, student_device) -> dict:
+    """accelerate's max_memory for a teacher placed with `--teacher_device auto`: every visible GPU and the CPU,
+    the student's GPU keeping `memory_plan`'s peak without the teacher's weights (student, bases, map,
+    activations, the trained layers' state)."""
+    from pkt import placement
+    from pkt.io import meta_model
+
+    gpus, idx = placement.visible_gpus(), placement.device_index(student_device)
+    reserve = {}
+    if idx in gpus:
+        t, s = meta_model(cfg.source_model, "--source_model"), meta_model(cfg.target_model, "--target_model")
+        plan = memory_plan(cfg.variant, t.config, s.config, cfg.micro_batch_size, cfg.cutoff_len,
+                           placement.element_size(dtype), 0, sum(p.numel() for p in s.parameters()),
+                           sum(p.numel() for p in s.model.layers[0].parameters()),
+                           cfg.n_critical if cfg.variant == "v1" else 1)
+        reserve[idx] = plan["peak"]
+    return placement.max_memory(gpus, placement.free_cpu_memory(), reserve=reserve)
+
+
 # -------------------------------------------------------------------------------------- training
 def _summary(history: list[dict], keys) -> dict:
     return {k: {"first": history[0][k], "last": history[-1][k]} for k in keys if history and k in history[0]}
@@ -986,7 +1010,9 @@ def train(cfg: SemAlignConfig):
     torch.manual_seed(cfg.seed)
     t_dev, s_dev = cfg.teacher_device or default_device(), cfg.student_device or default_device()
     dtype = cfg.dtype or default_dtype(s_dev)
-    teacher = load_model(cfg.source_model, dtype, t_dev, "--source_model").requires_grad_(False)
+    # auto: the teacher is placed over the visible GPUs and, last, the CPU (pkt.placement); it only reads out
+    room = teacher_budget(cfg, dtype, s_dev) if t_dev == "auto" else None
+    teacher = load_model(cfg.source_model, dtype, t_dev, "--source_model", max_memory=room).requires_grad_(False)
     student = load_model(cfg.target_model, dtype, s_dev, "--target_model").requires_grad_(False)
     budget = Tally(examples=len(examples))
     pad = s_tok.pad_token_id

@@ -302,6 +302,16 @@ def test_v2_changes_every_layer(teacher_dir, student_dir, chat_jsonl, tmp_path):
     assert [r["stage"] for r in log] == [1, 2, 3] and all({"relation_loss", "kl_loss"} <= set(r) for r in log)
 
 
+def test_a_teacher_placed_by_device_map_trains_the_student_as_the_plain_one(teacher_dir, student_dir, chat_jsonl,
+                                                                              tmp_path):
+    data = chat_jsonl("placed.jsonl", n=4)
+    plain = _run(teacher_dir, student_dir, data, tmp_path / "plain", teacher_device="cpu", student_device="cpu")
+    placed = _run(teacher_dir, student_dir, data, tmp_path / "placed", teacher_device="auto", student_device="cpu")
+    assert placed["pairing"] == plain["pairing"] and not _changed(tmp_path / "plain", tmp_path / "placed")
+    with pytest.raises(PKTError, match="--student_device"):
+        SemAlignConfig(source_model="t", target_model="s", data_path="d", output_dir="o", student_device="auto")
+
+
 def test_gradient_accumulation_does_not_depend_on_the_micro_batch_size(teacher_dir, student_dir, chat_jsonl,
                                                                         tmp_path):
     from safetensors.torch import load_file
