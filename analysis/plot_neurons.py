@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-try:
-    from analysis._common import check_figures, fail, read_json, save_fig
-except ImportError:  # run as a script
-    from _common import check_figures, fail, read_json, save_fig
+from pkt.figures import check_figures, pyplot, save_fig
+from pkt.io import fail, read_json
 
 
 def _panel(ax, layers, neurons, width, kind, color, n_layers=None):
@@ -41,7 +39,7 @@ def _panel(ax, layers, neurons, width, kind, color, n_layers=None):
 
 
 def plot_neurons(record: dict, out) -> str:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not record.get("student_ffn_layers") and not record.get("student_attn_layers"):
         fail("no student_ffn_layers / student_attn_layers to draw")

@@ -11,11 +11,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    from analysis._common import check_figures, fail, read_json, save_fig
-except ImportError:  # run as a script: analysis/ is sys.path[0]
-    from _common import check_figures, fail, read_json, save_fig
 from pkt.data import load_jsonl
+from pkt.figures import check_figures, pyplot, save_fig
+from pkt.io import fail, read_json
 
 LOSS_KEYS = ("loss", "lm_loss", "mse_loss")
 LAYER_KEYS = ("teacher_ffn_layers", "student_ffn_layers", "teacher_attn_layers", "student_attn_layers")
@@ -27,7 +25,7 @@ def _num(x):
 
 def plot_loss(rows: list[dict], out) -> str:
     """Loss curves (total, LM, MSE) per step, learning rate below."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in rows if _num(r.get("step"))]
     if not rows:
@@ -70,7 +68,7 @@ def layer_pairs(record: dict, kind: str) -> tuple[list[int], list[int]]:
 def plot_layer_map(record: dict, out, teacher_layers: int | None = None, student_layers: int | None = None,
                    title: str = "") -> str:
     """Teacher layer i -> student layer j, one line per transferred pair (FFN and attention panels)."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not any(record.get(k) for k in LAYER_KEYS):
         fail(f"no layer lists ({', '.join(LAYER_KEYS)}) to draw")

@@ -14,10 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    from analysis._common import check_figures, fail, save_fig
-except ImportError:  # run as a script: analysis/ is sys.path[0]
-    from _common import check_figures, fail, save_fig
+from pkt.figures import check_figures, pyplot, save_fig
+from pkt.io import fail
 
 ANALYSES = ("representation", "parametric")
 
@@ -47,7 +45,7 @@ def _heatmap(ax, matrix, title: str):
 
 
 def representation_figure(record: dict):
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.2, 5.4), layout="constrained")
     where = "last token of each" if record["positions"] == "last" else "tokens from"
@@ -59,7 +57,7 @@ def representation_figure(record: dict):
 
 
 def parametric_figure(record: dict):
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     mods = list(record["cka"])
     cols = min(2, len(mods))

@@ -1,13 +1,20 @@
-"""Shared plumbing for the figure scripts: Agg backend, JSON reading, output checks, atomic PNG writes."""
+"""One way to write a figure: matplotlib's Agg backend (no display on a GPU node or in CI), outputs checked
+before any work, PNGs written atomically (a kill leaves the old file or none, never half a PNG)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from pkt.io import atomic_path, check_output
 
-matplotlib.use("Agg")
 
-from pkt.io import atomic_path, check_output, fail, read_json  # noqa: F401  (fail, read_json: for the scripts)
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (imported on first use: plotting is optional for most stages)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def check_figures(outputs, flag: str, overwrite: bool, inputs: dict) -> None:
@@ -19,10 +26,8 @@ def check_figures(outputs, flag: str, overwrite: bool, inputs: dict) -> None:
 
 def save_fig(fig, out) -> str:
     """Write `fig` as PNG to `out` atomically and close it."""
-    import matplotlib.pyplot as plt
-
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return str(out)
