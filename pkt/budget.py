@@ -14,6 +14,13 @@ Every method that saves a model directory writes `pkt_budget.json` into it:
 * `optimizer_steps`: parameter updates.
 * `examples`: training examples consumed, counted once per use (5 epochs over 1,000 prompts = 5,000).
 
+Who writes it: SemAlign (`train_SemAlign.py`), GKD (`distill.py`), LaTen (`train_LaTen.py` into each
+`checkpoint_<step>/`, the training so far; `inference_LaTen.py` into each transferred model: that step's
+training + the transfer's own passes), PostPKT (`extract_lora_with_sensitivity.py` into the extracted adapter,
+which get_delta.py copies; `finetune.py` into the trained adapter and each `checkpoint-<step>/`: the extraction
+that initialised it + the fine-tune, or the fine-tune alone for the random / PiSSA baselines; `merge_lora.py`
+copies the trained adapter's into the merged model). A resumed run continues the count saved in its checkpoint.
+
 `compare.py` reads the file from each evaluated model's directory (`summary.json`'s `model_path`).
 """
 from __future__ import annotations
@@ -71,6 +78,12 @@ class Tally:
 
     def record(self, method: str) -> dict:
         return make_budget(method, **asdict(self))
+
+
+def add_budgets(method: str, *budgets: dict) -> dict:
+    """One record for work done in parts (a run resumed from a checkpoint's record, a chain of runs, a training
+    run plus the transfer that uses it): each count summed."""
+    return make_budget(method, **{k: sum(b[k] for b in budgets) for k in COUNTS})
 
 
 def write_budget(model_dir, method: str, **counts) -> dict:

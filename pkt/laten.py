@@ -33,17 +33,19 @@ import torch.nn.functional as F
 from knowledge_translator import KnowledgeTranslator
 from modeling_llama_laten import Delta, fold, inject
 from pkt.attribution import PRECISIONS, locate
+from pkt.budget import BUDGET_FILE, Tally, add_budgets, read_budget
 from pkt.data import load_chat_jsonl, locate_ids, micro_batches
 from pkt.io import (BackgroundWriter, append_jsonl, atomic_dir, check_device, check_model_path, check_output,
                     check_safetensors, default_device, default_dtype, fail, holds_run, last_good_checkpoint, load_model,
                     load_tokenizer, non_finite, number_flag, parse_list, resolve_dtype, save_model, scan_checkpoints,
-                    truncate_log)
+                    truncate_log, write_json)
 from pkt.model import (MLP_MODULES, ROW_MODULES, TRANSFER_MODULES, Shape, attention_neuron_v_rows, decoder_layers,
                        linear, model_shape, parse_modules)
 
 log = logging.getLogger("pkt.laten")
 
 MSE_WEIGHT = 1000.0
+TRAIN_METHOD, METHOD = "LaTen-train", "LaTen"   # pkt_budget.json of a checkpoint / of a transferred model
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINT_SEP = "_"   # checkpoint_<step>/, the reference's name
 
@@ -189,12 +191,12 @@ def check_pair(teacher_shape: Shape, student_shape: Shape, ffn_k: int, attn_k: i
 
 
 def locate_pair(pair: ModelPair, messages, rate: float, precision: str = "fp32", use_chat_template: bool = False,
-                layers=None, add_bos: bool = False):
+                layers=None, add_bos: bool = False, budget: Tally | None = None):
     """(teacher selection, student selection) on one example, each model reading the text with its own
     tokenizer. n_layers = student layers; k = int(student ffn * rate) FFN and int(student hidden * rate)
     attention neurons. `layers` = (teacher_sel, student_sel) forces the kept layers of an earlier selection
     (inference locates layers once, then neurons per rate). `add_bos`: read BOS + text (the reference's
-    inference) instead of the text alone (its training)."""
+    inference) instead of the text alone (its training). `budget`: counts each model's one forward pass."""
     ffn_k, attn_k = neuron_counts(pair.student_shape, rate)
     check_pair(pair.teacher_shape, pair.student_shape, ffn_k, attn_k)
     sels = []
@@ -204,6 +206,11 @@ def locate_pair(pair: ModelPair, messages, rate: float, precision: str = "fp32",
         ids = locate_ids(tok, messages, use_chat_template=use_chat_template, add_bos=add_bos)
         sels.append(locate(model, [ids], n_layers=pair.student_shape.layers, ffn_k=ffn_k, attn_k=attn_k,
                            precision=precision, **force))
+        if budget is not None:          # locate reads ids[:-1] (the last id is the read-out's target)
+            if i == 0:
+                budget.teacher_forward_tokens += len(ids) - 1
+            else:
+                budget.student_forward_tokens += len(ids) - 1
     return sels[0], sels[1]
 
 
@@ -287,7 +294,8 @@ def lm_loss(student, batch) -> torch.Tensor:
                    labels=batch["labels"].to(dev), use_cache=False).loss
 
 
-def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, step=0, translated_dtype=None) -> dict:
+def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, step=0, translated_dtype=None,
+               budget: Tally | None = None) -> dict:
     """Accumulate into the translator's .grad the gradient of sum over micro-batches of
     (student LM loss with the translated deltas injected + 1000 * MSE(translated, 0)), as the reference
     (summed, not averaged). `knowledge`: the extracted teacher slices (`extract`).
@@ -297,7 +305,7 @@ def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, s
     in one backward. Same gradient as re-translating per micro-batch (the reference), 1/n of the work.
     `translated_dtype` (fp16: the reference's numerics, see `reference_dtype`): the translations are cast
     to it before the MSE and the injection. Returns mean loss / lm_loss / mse_loss over the used
-    micro-batches and the gradient norm."""
+    micro-batches and the gradient norm. `budget`: counts the student's passes and the examples trained on."""
     s_shape = model_shape(student)
     translated = translator(knowledge)
     leaves = {m: t.detach().requires_grad_(True) for m, t in translated.items()}
@@ -311,6 +319,9 @@ def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, s
         mse = mse_penalty(cast, in_dtype=translated_dtype is not None)
         with inject(student, deltas_for(s_sel, cast, s_shape)):
             lm = lm_loss(student, batch)
+            n_tok = int(batch["attention_mask"].sum())
+            if budget is not None:
+                budget.student_forward_tokens += n_tok
             loss = lm + mse.to(lm.device)
             if not torch.isfinite(loss):
                 if not skip_nan:
@@ -320,6 +331,9 @@ def align_step(translator, knowledge, student, s_sel, batches, skip_nan=False, s
                 skipped += 1
                 continue
             loss.backward()  # inside inject: checkpointed layers recompute with the deltas in place
+        if budget is not None:
+            budget.student_backward_tokens += n_tok
+            budget.examples += int(batch["input_ids"].shape[0])
         for k, v in (("loss", loss), ("lm_loss", lm), ("mse_loss", mse)):
             sums[k] += v.item()
         used += 1
@@ -355,9 +369,9 @@ def resume_checkpoint(resume, save_dir) -> Path | None:
 
 
 def save_checkpoint(save_dir, step: int, translator, optimizer, scheduler, order: list[int],
-                    keep_all_states: bool = False, with_state: bool = True) -> Path:
+                    keep_all_states: bool = False, with_state: bool = True, budget: dict | None = None) -> Path:
     """checkpoint_<step>/ written now (atomically): `snapshot` + `write_checkpoint`."""
-    return write_checkpoint(save_dir, snapshot(step, translator, optimizer, scheduler, order, with_state),
+    return write_checkpoint(save_dir, snapshot(step, translator, optimizer, scheduler, order, with_state, budget),
                             keep_all_states)
 
 
@@ -384,11 +398,13 @@ def _cpu_copy(obj):
     return copy.deepcopy(obj)
 
 
-def snapshot(step: int, translator, optimizer, scheduler, order: list[int], with_state: bool = True) -> dict:
-    """What checkpoint_<step> holds, as CPU copies taken now: the translator's weights and, `with_state`, the
-    trainer state (optimizer, scheduler, Python/torch RNG as they are now, step, example order)."""
+def snapshot(step: int, translator, optimizer, scheduler, order: list[int], with_state: bool = True,
+             budget: dict | None = None) -> dict:
+    """What checkpoint_<step> holds, as CPU copies taken now: the translator's weights, `budget` (the training's
+    compute up to this step, for pkt_budget.json) and, `with_state`, the trainer state (optimizer, scheduler,
+    Python/torch RNG as they are now, step, example order)."""
     snap = {"step": step, "translator": _cpu_copy(translator.state_dict()), "config": translator.config(),
-            "trainer_state": None}
+            "trainer_state": None, "budget": budget}
     if with_state:
         snap["trainer_state"] = _cpu_copy({
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -406,12 +422,14 @@ def checkpoint_then_log(save_dir, snap: dict, keep_all_states: bool, log_path, r
 
 
 def write_checkpoint(save_dir, snap: dict, keep_all_states: bool = False) -> Path:
-    """checkpoint_<step>/ written atomically from a `snapshot`: `translator.safetensors` + config and, when the
-    snapshot has one, `trainer_state.pt` (for `--resume`). Unless `keep_all_states`, a new trainer state
+    """checkpoint_<step>/ written atomically from a `snapshot`: `translator.safetensors` + config, pkt_budget.json
+    and, when the snapshot has one, `trainer_state.pt` (for `--resume`). Unless `keep_all_states`, a new trainer state
     removes the older checkpoints' ones (~1.5 GB each at 13B->7B). Safe to run in a background thread."""
     ckpt = Path(save_dir) / f"checkpoint{CHECKPOINT_SEP}{snap['step']}"
     with atomic_dir(ckpt) as tmp:
         KnowledgeTranslator.write_files(tmp, snap["translator"], snap["config"])
+        if snap.get("budget") is not None:
+            write_json(tmp / BUDGET_FILE, snap["budget"])
         if snap["trainer_state"] is not None:
             torch.save(snap["trainer_state"], tmp / TRAINER_STATE)
     if snap["trainer_state"] is not None and not keep_all_states:
@@ -612,10 +630,14 @@ def _train(cfg: TrainConfig, writer: BackgroundWriter) -> str:
                                                     pct_start=0.1, final_div_factor=1, anneal_strategy="cos")
     order, align_order = training_orders(cfg.seed, len(extract_data), len(align_data))
     log_path = cfg.save_dir / "train_log.jsonl"
-    start = 0
+    start, budget, prior = 0, Tally(), []    # budget: this start's passes; prior: the resumed checkpoint's count
     if cfg.resume_from is not None:
         start = restore_checkpoint(cfg.resume_from, translator, optimizer, scheduler, order)
         log.info("resumed from %s: continuing at step %d of %d", cfg.resume_from, start, n_steps)
+        prior = [read_budget(cfg.resume_from)]
+        if prior[0] is None:
+            log.warning("%s has no %s (written before budgets were kept): the run's compute is unknown, no "
+                        "checkpoint of it gets one", cfg.resume_from, BUDGET_FILE)
         truncate_log(log_path, start)  # drop log lines of steps that will run again
     elif cfg.overwrite:
         for _, p in checkpoints(cfg.save_dir):
@@ -627,14 +649,15 @@ def _train(cfg: TrainConfig, writer: BackgroundWriter) -> str:
     for step in tqdm(range(start, n_steps), total=n_steps, initial=start, desc="LaTen steps"):
         t0 = time.time()
         rec = extract_data[order[step]]
-        t_sel, s_sel = locate_pair(pair, rec["messages"], cfg.transfer_rate, cfg.precision, cfg.use_chat_template)
+        t_sel, s_sel = locate_pair(pair, rec["messages"], cfg.transfer_rate, cfg.precision, cfg.use_chat_template,
+                                   budget=budget)
         knowledge = extract(pair.teacher, t_sel, cfg.modules, pair.teacher_shape, device=pair.device)
         align_rows = [align_order[j] for j in align_positions(step, len(align_data), cfg.n_align)]
         batch_records = [align_data[i] for i in align_rows] + [rec]   # n_align align examples + the example
         batches = micro_batches(pair.student_tokenizer, batch_records, cfg.micro_batch_size, cfg.cutoff_len,
                                 cfg.train_on_inputs, cfg.use_chat_template, cfg.mask_first_response_token)
         stats = align_step(translator, knowledge, pair.student, s_sel, batches, cfg.skip_nan_steps, step,
-                           reference_dtype(pair.student))
+                           reference_dtype(pair.student), budget)
         if not math.isfinite(stats["grad_norm"]):
             check_translator_finite(translator, step, cfg.save_dir, "gradient")
         lr = scheduler.get_last_lr()[0]
@@ -642,9 +665,12 @@ def _train(cfg: TrainConfig, writer: BackgroundWriter) -> str:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         snap = None     # the previous step's snapshot: its pinned blocks are reused once it is written
+        budget.optimizer_steps += 1
         writer.wait()   # that write (done by now, unless the disk is slower than a step); its error surfaces here
         check_translator_finite(translator, step, cfg.save_dir)   # never checkpoint a non-finite state
-        snap = snapshot(step, translator, optimizer, scheduler, order, has_state(step, n_steps, cfg.save_every))
+        spent = None if None in prior else add_budgets(TRAIN_METHOD, *prior, budget.record(TRAIN_METHOD))
+        snap = snapshot(step, translator, optimizer, scheduler, order, has_state(step, n_steps, cfg.save_every),
+                        spent)
         writer.submit(checkpoint_then_log, cfg.save_dir, snap, cfg.save_trainer_state == "all", log_path, {
             "step": step, "loss": stats["loss"], "lm_loss": stats["lm_loss"], "mse_loss": stats["mse_loss"],
             "lr": lr, "seconds": round(time.time() - t0, 3),
@@ -739,6 +765,10 @@ def transfer(cfg: TransferConfig) -> list[str]:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = load_chat_jsonl(cfg.data_path)
+    trained = {s: read_budget(cfg.checkpoint(s)) for s in cfg.checkpoint_steps}   # each step's training compute
+    for s in (s for s, b in trained.items() if b is None):
+        log.warning("%s has no %s (trained before budgets were kept): its transferred models get none",
+                    cfg.checkpoint(s), BUDGET_FILE)
     pair = load_pair(cfg.source_model, cfg.target_model, cfg.dtype, cfg.teacher_device, cfg.student_device)
     t_shape, s_shape = pair.teacher_shape, pair.student_shape
     translators = {s: KnowledgeTranslator.load(cfg.checkpoint(s), device=pair.device).eval()
@@ -760,9 +790,12 @@ def transfer(cfg: TransferConfig) -> list[str]:
     idx = inference_row(cfg.seed, len(data))
     rec = data[idx]
     example_id = rec.get("id", f"train:{idx}")
-    # layers once (at the first rate; layer scores do not depend on k), then neurons per rate in those layers
+    # layers once (at the first rate; layer scores do not depend on k), then neurons per rate in those layers.
+    # The budget counts one forward of each model on the seed example: the per-rate locates repeat that same
+    # forward (same ids, same weights), which pkt_budget.json does not count.
+    spent = Tally(examples=1)
     layer_sel = locate_pair(pair, rec["messages"], cfg.rates[0], cfg.precision, cfg.use_chat_template,
-                            add_bos=cfg.locate_with_bos)
+                            add_bos=cfg.locate_with_bos, budget=spent)
     written = []
     for rate in cfg.rates:
         t_sel, s_sel = locate_pair(pair, rec["messages"], rate, cfg.precision, cfg.use_chat_template,
@@ -775,7 +808,9 @@ def transfer(cfg: TransferConfig) -> list[str]:
             _restore(pair.student, pristine)
             fold(pair.student, deltas)
             out = transfer_dir(cfg.output_dir, cfg.target_model, rate, step)
-            save_model(pair.student, out, pair.student_tokenizer, files={"laten_transfer.json": {
+            files = {} if trained[step] is None else {
+                BUDGET_FILE: add_budgets(METHOD, trained[step], spent.record(METHOD))}
+            save_model(pair.student, out, pair.student_tokenizer, files={**files, "laten_transfer.json": {
                 "source_model": cfg.source_model, "target_model": cfg.target_model, "step": step,
                 "transfer_rate": rate, "seed": cfg.seed, "seed_example_id": example_id,
                 "teacher_ffn_layers": list(t_sel.ffn_layers), "student_ffn_layers": list(s_sel.ffn_layers),

@@ -17,7 +17,8 @@ from conftest import ROOT, make_llama, save_model
 from knowledge_translator import KnowledgeTranslator
 from modeling_llama_laten import inject
 from pkt import laten
-from pkt.data import micro_batches
+from pkt.budget import read_budget
+from pkt.data import load_chat_jsonl, locate_ids, micro_batches, tokenize_example
 from pkt.io import PKTError, load_model, load_tokenizer
 from pkt.laten import ModelPair, TrainConfig, TransferConfig, deltas_for, extract, mse_penalty
 from pkt.model import model_shape
@@ -60,8 +61,6 @@ def trained(teacher_dir, student_dir, data, tmp_path_factory):
 def _align_lm_loss(teacher_dir, student_dir, data, translator, rate=0.5):
     """Student LM loss on the align set + the extract examples, with the translator's deltas located
     on extract example 0 (the same deltas for both translators compared)."""
-    from pkt.data import load_chat_jsonl
-
     teacher, student = load_model(teacher_dir, "fp32", "cpu"), load_model(student_dir, "fp32", "cpu")
     tok = load_tokenizer(student_dir)
     recs = load_chat_jsonl(data["extract"])
@@ -103,6 +102,27 @@ def test_training_lowers_loss_student_frozen(trained, teacher_dir, student_dir, 
     assert after < before - 0.02, (before, after)
 
 
+def test_checkpoints_carry_the_training_budget_so_far(trained, student_dir, data):
+    """Per step: one locate forward of each model on the example, then the student's forward + backward on the
+    n_align align examples + the example (the tiny pair shares one tokenizer, so both read the same ids)."""
+    save_dir, _ = trained
+    tok = load_tokenizer(student_dir)
+    extract_recs = {r["id"]: r for r in load_chat_jsonl(data["extract"])}
+    align_recs = {r["id"]: r for r in load_chat_jsonl(data["align"])}
+    log = [json.loads(l) for l in (save_dir / "train_log.jsonl").read_text().splitlines()]
+    located = trained_on = 0
+    for r in log:
+        rec = extract_recs[r["example_id"]]
+        located += len(locate_ids(tok, rec["messages"])) - 1
+        fed = [align_recs[i] for i in r["align_example_ids"]] + [rec]
+        trained_on += sum(len(tokenize_example(tok, x["messages"], 768, False)["input_ids"]) for x in fed)
+        steps = r["step"] + 1
+        assert read_budget(save_dir / f"checkpoint_{r['step']}") == {
+            "method": "LaTen-train", "teacher_forward_tokens": located, "teacher_backward_tokens": 0,
+            "student_forward_tokens": located + trained_on, "student_backward_tokens": trained_on,
+            "optimizer_steps": steps, "examples": steps * (TRAIN["n_align"] + 1)}
+
+
 @pytest.mark.parametrize("log", ["whole", "torn"])
 def test_resume_matches_uninterrupted(trained, teacher_dir, student_dir, data, tmp_path, log, caplog):
     save_dir, _ = trained
@@ -131,6 +151,7 @@ def test_resume_matches_uninterrupted(trained, teacher_dir, student_dir, data, t
     assert [r["step"] for r in resumed] == list(range(STEPS))
     draws = lambda log: [(r["example_id"], r["align_example_ids"]) for r in log]
     assert draws(resumed) == draws(full)
+    assert read_budget(part / f"checkpoint_{STEPS - 1}") == read_budget(save_dir / f"checkpoint_{STEPS - 1}")
 
 
 def _changed_only_at(orig: dict, new: dict, info: dict, prefix="model.layers"):
@@ -176,6 +197,15 @@ def test_inference_folds_deltas(trained, teacher_dir, student_dir, data, tmp_pat
         new = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict()
         _changed_only_at(orig, new, info)    # also: the 0.5 transfer did not compound on the 0.1 one
         assert (Path(p) / "tokenizer_config.json").exists()
+
+    # the whole method's compute: the step's training + one locate forward of each model on the seed example
+    seed = {r["id"]: r for r in load_chat_jsonl(data["train"])}[info["seed_example_id"]]
+    n = len(locate_ids(load_tokenizer(student_dir), seed["messages"], add_bos=True)) - 1
+    trained_budget = read_budget(save_dir / f"checkpoint_{STEPS - 1}")
+    for p in out:
+        assert read_budget(p) == {**trained_budget, "method": "LaTen", "examples": trained_budget["examples"] + 1,
+                                  "teacher_forward_tokens": trained_budget["teacher_forward_tokens"] + n,
+                                  "student_forward_tokens": trained_budget["student_forward_tokens"] + n}
 
 
 def test_gqa_qwen2_student(teacher_dir, qwen_student_dir, data, tmp_path):
