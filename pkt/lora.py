@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pkt.budget import BUDGET_FILE, COUNTS, Tally, add_budgets, read_budget
 from pkt.data import IGNORE, collate_left, encode_finetune, load_chat_jsonl, task_split
 from pkt.io import (append_jsonl, atomic_dir, check_device, check_finite, check_model_path, check_output,
                     check_safetensors, fail, holds_run, int_flag, last_good_checkpoint, load_model, load_tokenizer,
@@ -37,6 +38,7 @@ from pkt.model import ALL_MODULES, parse_modules
 log = logging.getLogger("pkt.lora")
 
 INITS = ("random", "pissa", "extracted")
+METHODS = {"extracted": "PostPKT", "random": "LoRA", "pissa": "PiSSA"}   # pkt_budget.json's method, per init
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECKPOINT_SEP = "-"   # checkpoint-<step>/, the reference's (HF Trainer's) name
 CHECKPOINT_MARKER = "state.json"
@@ -442,6 +444,13 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
         acc.print(f"resumed from {ck} (step {step}/{total})")
     elif acc.is_main_process and (out / "train_log.jsonl").exists():
         (out / "train_log.jsonl").unlink()   # --resume before any checkpoint: start the log afresh
+    # The budget: what was spent before this start (a resumed checkpoint's count, which holds the extraction's;
+    # or the extraction that made the initial adapter) + this start's passes (`tally`, per process).
+    method, tally = METHODS[cfg.init], Tally()
+    prior = [read_budget(ck)] if done else [read_budget(cfg.lora_init_path)] if cfg.init == "extracted" else []
+    if None in prior:
+        acc.print(f"warning: {ck if done else cfg.lora_init_path} has no {BUDGET_FILE} (written before budgets "
+                  "were kept): the compute is unknown, none is written")
     model, opt = acc.prepare(model, opt)
     model.train()
     if acc.is_main_process:
@@ -466,6 +475,10 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
                 # As the Trainer: each micro-batch's mean loss / accum (DDP then averages over processes).
                 acc.backward(loss / accum)
             loss_sum += loss.detach()
+            n_tok = int(batch["attention_mask"].sum())
+            tally.student_forward_tokens += n_tok
+            tally.student_backward_tokens += n_tok
+            tally.examples += len(mb)
         # Every process sees the same reduced loss and the same synced gradients, so all stop together.
         mean_loss = (acc.reduce(loss_sum, reduction="sum") / (len(micro) * world)).item()
         params = list(trainable.values())
@@ -476,6 +489,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        tally.optimizer_steps += 1
         _check_finite_step(step, out, weights=trainable)                     # never checkpoint a broken state
         rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
                "lr": sched.get_last_lr()[0]}
@@ -486,11 +500,13 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
             bar.set_postfix(loss=f"{mean_loss:.4f}")
         end_epoch = step in epoch_ends
         if step < total and ((cfg.save_steps and step % int(cfg.save_steps) == 0) or end_epoch):
-            _save_checkpoint(acc, model, opt, sched, out, step, cfg.save_total_limit)
+            _save_checkpoint(acc, model, opt, sched, out, step, cfg.save_total_limit,
+                             _spent(acc, method, prior, tally))
     bar.close()
 
     # ---- final adapter (PEFT format) in output_dir
     acc.wait_for_everyone()
+    spent = _spent(acc, method, prior, tally)
     if acc.is_main_process:
         peft_model = acc.unwrap_model(model)
         with atomic_dir(out / ".final") as tmp:
@@ -503,6 +519,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[dict]:
             "base_model": str(cfg.base_model), "delta_path": str(cfg.delta_path) if cfg.delta_path else None,
             "lora_init": cfg.init, "lora_init_path": str(cfg.lora_init_path) if cfg.lora_init_path else None,
             "data_path": str(cfg.data_path), "steps": total, "seed": cfg.seed})
+        if spent is not None:
+            write_json(out / BUDGET_FILE, spent)
         if logs:
             print(f"wrote {cfg.output_dir} (step {logs[-1]['step']}, loss {logs[-1]['loss']:.4f})")
     acc.wait_for_everyone()
@@ -525,12 +543,25 @@ def _check_finite_step(step: int, out: Path, loss: float = 0.0, grad_norm: float
              f"{last_good_checkpoint(checkpoints(out))}")
 
 
-def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int):
+def _spent(acc, method: str, prior: list, tally: Tally) -> dict | None:
+    """The budget so far: `prior` + every process's `tally` (None when a prior count is unknown). Collective:
+    every process calls it."""
+    if None in prior:
+        return None
+    counts = acc.reduce(torch.tensor([getattr(tally, k) for k in COUNTS], device=acc.device), reduction="sum")
+    counts = dict(zip(COUNTS, (int(v) for v in counts.tolist())))
+    counts["optimizer_steps"] = tally.optimizer_steps      # every process takes the same steps
+    return add_budgets(method, *prior, counts)
+
+
+def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int, budget: dict | None = None):
     acc.wait_for_everyone()
     if acc.is_main_process:
         inner = acc.unwrap_model(model)
         state = {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
         with atomic_dir(out / f"checkpoint{CHECKPOINT_SEP}{step}") as tmp:
+            if budget is not None:
+                write_json(Path(tmp) / BUDGET_FILE, budget)
             save_tensors(Path(tmp) / "trainable.safetensors", state)
             torch.save(opt.state_dict(), Path(tmp) / "optimizer.pt")
             torch.save(sched.state_dict(), Path(tmp) / "scheduler.pt")
@@ -573,10 +604,13 @@ class MergeConfig:
 
 
 def merge(cfg: MergeConfig) -> None:
-    """Write the merged model (no non-finite weight is ever saved)."""
+    """Write the merged model (no non-finite weight is ever saved) with the trained adapter's pkt_budget.json:
+    the whole chain's compute (finetune counted the extraction in; the delta and the merge add no passes)."""
+    budget = read_budget(cfg.lora_path)
     model = build_student(cfg.base_model, cfg.delta_path, cfg.dtype, cfg.device)
     model = merge_adapter(model, cfg.lora_path)
     if cfg.save_dtype is not None:
         model = model.to(resolve_dtype(cfg.save_dtype))
-    save_model(model, cfg.output_dir, load_tokenizer(cfg.base_model, "--base_model"))
+    save_model(model, cfg.output_dir, load_tokenizer(cfg.base_model, "--base_model"),
+               files={BUDGET_FILE: budget} if budget else None)
     print(f"wrote {cfg.output_dir}")

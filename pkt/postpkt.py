@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from pkt.budget import BUDGET_FILE, Tally
 from pkt.data import IGNORE, encode_chat, load_chat_jsonl, task_split
 from pkt.io import (check_device, check_model_path, check_output, fail, int_flag, load_model, load_tokenizer,
                     meta_model, number_flag, resolve_dtype)
@@ -32,6 +33,7 @@ from pkt.model import ALL_MODULES, EMBED_MODULES, LINEAR_MODULES, decoder_layers
 from pkt.placement import main_device
 
 log = logging.getLogger("pkt.postpkt")
+EXTRACT_METHOD = "PostPKT-extract"   # pkt_budget.json of the extracted adapter
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Row chunk of the window scan: chunk * width float64 values live at once (a few of them).
@@ -130,14 +132,15 @@ def max_sum_submatrix_bruteforce(sensitivity: torch.Tensor, rows: int, cols: int
 # Tokenisation, sensitivity, layer selection
 # ----------------------------------------------------------------------------------------------
 
-def sensitivity(model, examples: list[dict], params: dict[str, torch.nn.Parameter],
-                accum_device=None, progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+def sensitivity(model, examples: list[dict], params: dict[str, torch.nn.Parameter], accum_device=None,
+                progress: bool = True, budget: Tally | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Sum over examples of `|theta * dL/dtheta|` for every parameter in `params` (name -> parameter).
 
     `examples`: dicts of `input_ids`/`labels` lists (one backward per example; the reference's
     per-example |.| cannot be batched). Returns ({name: fp32 accumulator of the parameter's shape on
     `accum_device`, default: the parameter's own device}, number of examples used). Parameters outside
     `params` get no gradient at all. A model placed across devices (`pkt.placement`) works as is.
+    `budget`: counts the model's passes (as the teacher's) and the examples used.
     """
     device = main_device(model)
     acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=accum_device or p.device)
@@ -173,6 +176,10 @@ def sensitivity(model, examples: list[dict], params: dict[str, torch.nn.Paramete
             loss = model(input_ids=ids, labels=labels, use_cache=False).loss
             loss.backward()
             used += 1
+            if budget is not None:
+                budget.teacher_forward_tokens += ids.shape[1]
+                budget.teacher_backward_tokens += ids.shape[1]
+                budget.examples += 1
     finally:
         for h in handles:
             h.remove()
@@ -421,7 +428,8 @@ def extract(cfg: ExtractConfig) -> dict:
     print(memory_plan(teacher, sum(p.numel() for p in params.values()), str(accum_device or model_device),
                       str(model_device)),
           flush=True)
-    sens, used = sensitivity(teacher, examples, params, accum_device=accum_device)
+    spent = Tally()     # the compute for pkt_budget.json (not a memory budget as `teacher_budget`)
+    sens, used = sensitivity(teacher, examples, params, accum_device=accum_device, budget=spent)
     if used == 0:
         fail(f"{cfg.data_path}: no example has response tokens within --cutoff_len {cfg.cutoff_len}")
 
@@ -455,7 +463,8 @@ def extract(cfg: ExtractConfig) -> dict:
     # the student stays on the meta device: the adapter holds only the extracted factors
     adapter = extracted_adapter(student, factors, modules, lora_r, int(cfg.lora_alpha), cfg.lora_dropout,
                                 base_model=str(cfg.target))
-    save_adapter(adapter, cfg.output_dir, files={"selection.json": selection})
+    save_adapter(adapter, cfg.output_dir, files={"selection.json": selection,
+                                                 BUDGET_FILE: spent.record(EXTRACT_METHOD)})
     print(f"wrote {cfg.output_dir} ({len(record_blocks)} LoRA modules from {used} examples; "
           f"teacher layers {layers})")
     return selection

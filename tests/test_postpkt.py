@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT, make_llama, save_model
-from pkt.data import encode_chat
+from pkt.budget import read_budget
+from pkt.data import encode_chat, encode_finetune, load_chat_jsonl
 from pkt.io import PKTError
 from pkt.lora import FinetuneConfig, MergeConfig, negate_lora_A
 from pkt.postpkt import (ExtractConfig, extract, max_sum_submatrix, max_sum_submatrix_bruteforce, select_layers,
@@ -215,6 +216,20 @@ def test_get_delta_negates_only_A(extracted):
         (extracted["lora"] / "adapter_config.json").read_text()
 
 
+def test_extraction_budget_counts_the_teachers_sensitivity_passes(extracted, tokenizer):
+    """One forward + backward of the teacher per seed example over its whole sequence; the delta (a file
+    transform) carries the same count."""
+    n = sum(len(encode_chat(tokenizer, r["messages"], 2048)["input_ids"]) for r in load_chat_jsonl(extracted["data"]))
+    assert read_budget(extracted["lora"]) == {
+        "method": "PostPKT-extract", "teacher_forward_tokens": n, "teacher_backward_tokens": n,
+        "student_forward_tokens": 0, "student_backward_tokens": 0, "optimizer_steps": 0, "examples": 6}
+    assert read_budget(extracted["delta"]) == read_budget(extracted["lora"])
+
+
+def _finetune_tokens(tokenizer, data, cutoff_len) -> int:
+    return sum(len(encode_finetune(tokenizer, r["messages"], cutoff_len)["input_ids"]) for r in load_chat_jsonl(data))
+
+
 # ---------------------------------------------------------------------------------- fine-tune and merge
 
 def _response_loss(model, tokenizer, data) -> float:
@@ -259,6 +274,17 @@ def test_finetune_lowers_loss_and_logs(trained, extracted, student_dir, tokenize
     assert after < before - 0.05, (before, after)
 
 
+def test_finetune_budget_is_the_extraction_plus_the_fine_tune(trained, extracted, tokenizer):
+    """One epoch over 16 examples: each read once by a forward + backward of the student, in 4 steps; the
+    checkpoint holds the count up to its step."""
+    ex, n = read_budget(extracted["lora"]), _finetune_tokens(tokenizer, trained["data"], 128)
+    assert read_budget(trained["out"]) == {**ex, "method": "PostPKT", "student_forward_tokens": n,
+                                           "student_backward_tokens": n, "optimizer_steps": 4, "examples": 6 + 16}
+    half = read_budget(trained["out"] / "checkpoint-2")
+    assert (half["optimizer_steps"], half["examples"]) == (2, 6 + 8)
+    assert 0 < half["student_backward_tokens"] < n
+
+
 @pytest.mark.parametrize("log", ["whole", "torn"])
 def test_finetune_resume_reproduces_run(trained, extracted, student_dir, tmp_path, log, caplog):
     from safetensors.torch import load_file
@@ -289,6 +315,7 @@ def test_finetune_resume_reproduces_run(trained, extracted, student_dir, tmp_pat
     b = load_file(str(out / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert read_budget(out) == read_budget(trained["out"])          # steps 1-2 from the checkpoint, not twice
 
 
 def test_merge_equals_base_delta_adapter(trained, extracted, student_dir, tokenizer, tmp_path):
@@ -306,6 +333,7 @@ def test_merge_equals_base_delta_adapter(trained, extracted, student_dir, tokeni
     ids = torch.tensor([tokenizer("<|user|>\nQuestion: 2 + 5 =\n\n<|assistant|>\n")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+    assert read_budget(out) == read_budget(trained["out"])          # the chain: extraction + fine-tune
 
 
 @pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")
@@ -332,6 +360,11 @@ def test_random_and_pissa_baselines(student_dir, chat_jsonl, tmp_path, tokenizer
                                         str(out)).eval()
         with torch.no_grad():
             torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        n = _finetune_tokens(tokenizer, data, 64)                     # the fine-tune alone: no teacher pass
+        budget = {"method": "PiSSA" if init == "pissa" else "LoRA", "teacher_forward_tokens": 0,
+                  "teacher_backward_tokens": 0, "student_forward_tokens": n, "student_backward_tokens": n,
+                  "optimizer_steps": 2, "examples": 4}
+        assert read_budget(out) == budget == read_budget(tmp_path / f"{init}_merged")
 
 
 # ---------------------------------------------------------------------------------- bad inputs
