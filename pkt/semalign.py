@@ -700,6 +700,7 @@ def train_layers(student, examples: list[dict], layers: list[int], loss_fn, sche
             grad_norm, lr = opt.step(step)
             if budget is not None:
                 budget.optimizer_steps += 1
+                budget.examples += len(idx)     # each use counted (epochs, v2's stages), as pkt.budget says
             rec = {**(extra or {}), "step": step, "epoch": round(step / per_epoch, 4), **sums,
                    "grad_norm": grad_norm, "lr": lr, "examples": len(idx), "seconds": round(time.time() - t0, 3)}
             records.append(rec)
@@ -1014,7 +1015,7 @@ def train(cfg: SemAlignConfig):
     room = teacher_budget(cfg, dtype, s_dev) if t_dev == "auto" else None
     teacher = load_model(cfg.source_model, dtype, t_dev, "--source_model", max_memory=room).requires_grad_(False)
     student = load_model(cfg.target_model, dtype, s_dev, "--target_model").requires_grad_(False)
-    budget = Tally(examples=len(examples))
+    budget = Tally()
     pad = s_tok.pad_token_id
     t0 = time.time()
 

@@ -300,6 +300,8 @@ def test_v2_changes_every_layer(teacher_dir, student_dir, chat_jsonl, tmp_path):
     assert {n.split(".")[2] for n in _changed(student_dir, out)} == {"0", "1", "2"}
     log = [json.loads(x) for x in (out / "semalign_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == [1, 2, 3] and all({"relation_loss", "kl_loss"} <= set(r) for r in log)
+    budget = json.loads((out / "pkt_budget.json").read_text())       # one step of 4 examples per stage
+    assert (budget["optimizer_steps"], budget["examples"]) == (3, 3 * 4)
 
 
 def test_a_teacher_placed_by_device_map_trains_the_student_as_the_plain_one(teacher_dir, student_dir, chat_jsonl,
