@@ -5,7 +5,7 @@
 
 Sensitivity |theta * grad| of the teacher on the seed examples -> the n_layers(student) most sensitive
 layers -> per weight the max-sum block of the student's shape -> rank-r SVD -> PEFT LoRA (fp16) plus
-selection.json. Logic in pkt/postpkt.py (`extract`); the adapter is built by pkt/lora.py. See docs/postpkt.md.
+selection.json and pkt_budget.json. Logic in pkt/postpkt.py (`extract`); the adapter is built by pkt/lora.py. See docs/postpkt.md.
 """
 from pkt.io import run_cli
 from pkt.postpkt import ExtractConfig, extract

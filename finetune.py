@@ -7,7 +7,8 @@ student + delta (so the model starts exactly at the student), or from a random /
     accelerate launch finetune.py ...   # or: torchrun --nproc_per_node 2 finetune.py ...
 
 Writes the trained adapter (adapter_config.json + adapter_model.safetensors), train_log.jsonl
-(step, epoch, loss, lr) and checkpoint-<step>/ (for --resume) in --output_dir. Logic in pkt/lora.py.
+(step, epoch, loss, lr), pkt_budget.json (the extraction's compute + the fine-tune's) and checkpoint-<step>/
+(for --resume) in --output_dir. Logic in pkt/lora.py.
 """
 from pkt.io import run_cli
 from pkt.lora import FinetuneConfig, finetune

@@ -4,6 +4,7 @@
         -> locate layers once (teacher and student), on BOS + text as the reference's inference tokenizer
     for each transfer rate: locate neurons at that rate in the fixed layers, extract the teacher's slices
         for each translator step: translate (no grad) -> fold the deltas into a fresh student -> save
+            (with pkt_budget.json: the step's training compute + this transfer's forwards)
 
 Unlike the reference (which keeps the deltas as module attributes, so `save_pretrained` wrote the unchanged
 student), the deltas are folded into the saved weights: the saved model is the transferred model.

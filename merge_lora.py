@@ -1,5 +1,6 @@
 """PostPKT step 4: student + delta merged + trained LoRA merged -> a standard Hugging Face model
-directory (safetensors + tokenizer) that AutoModelForCausalLM.from_pretrained loads.
+directory (safetensors + tokenizer + the trained adapter's pkt_budget.json) that
+AutoModelForCausalLM.from_pretrained loads.
 
     python merge_lora.py --base_model meta-llama/Llama-2-7b-chat-hf \
         --delta_path extracted_lora/13b-to-7b-gsm-delta --lora_path trained_lora/7b-gsm-with-13b \

@@ -6,7 +6,7 @@ One optimizer step per example of the (shuffled) extract split:
             -> extract the teacher's located rows/columns
             -> translator -> inject into the frozen student -> LM loss on n_align align examples + the
                example itself (micro-batches) + 1000 * MSE -> backward
-            -> optimizer.step(), scheduler.step() -> save checkpoint_<step>/
+            -> optimizer.step(), scheduler.step() -> save checkpoint_<step>/ (+ pkt_budget.json: passes so far)
 
 Only the translator trains; teacher and student are frozen. Logic in pkt/laten.py; see docs/laten.md.
 

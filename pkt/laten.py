@@ -523,7 +523,8 @@ def _check_saving(cfg) -> None:
 
 @dataclass
 class TrainConfig:
-    """Train the translator; writes <output_dir>/<translator_save_name>/checkpoint_<step>/ and train_log.jsonl.
+    """Train the translator; writes <output_dir>/<translator_save_name>/checkpoint_<step>/ (with pkt_budget.json,
+    the compute so far) and train_log.jsonl.
 
     The translator is written every step (checkpoint_<step>/translator.safetensors, as the reference);
     --save_every N: the trainer state (trainer_state.pt: optimizer/scheduler/RNG, for --resume; ~1.5 GB at
@@ -699,7 +700,7 @@ def transfer_dir(output_dir, target_model, rate: float, step: int) -> Path:
 @dataclass
 class TransferConfig:
     """Writes <output_dir>/<target name>-transfer_rate<rate*100>%-step<step>/ (model, tokenizer,
-    laten_transfer.json) for every rate and step; returns the list of written directories.
+    laten_transfer.json, pkt_budget.json) for every rate and step; returns the list of written directories.
     --transfer_rates / --steps: lists ('[0.1,0.3]' or 0.1,0.3); the defaults are the reference script's ([0.1],
     [0]). --locate_with_bos True (the reference's inference tokenizer) locates on BOS + text; False on the
     text alone, as training does. An existing output is an error unless --overwrite.

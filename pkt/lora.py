@@ -574,7 +574,8 @@ def _save_checkpoint(acc, model, opt, sched, out: Path, step: int, limit: int, b
 # -------------------------------------------------------------------------------------------- merge
 @dataclass
 class MergeConfig:
-    """student (+ delta merged) + trained LoRA merged -> a plain HF model directory (safetensors + tokenizer).
+    """student (+ delta merged) + trained LoRA merged -> a plain HF model directory (safetensors + tokenizer +
+    the adapter's pkt_budget.json).
     --delta_path is the get_delta.py output used in fine-tuning (leave it out for random/PiSSA LoRA).
     --dtype fp32 (the reference: its base model loads in fp32 and is merged and saved so); auto = the base
     model's saved precision. --save_dtype casts the merged weights before saving (default: the merge dtype,

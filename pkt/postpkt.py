@@ -329,7 +329,7 @@ def plan_blocks(teacher, student, layers: list[int], modules: list[str]) -> list
 @dataclass
 class ExtractConfig:
     """Teacher sensitivity -> layers -> blocks -> SVD -> a PEFT LoRA (fp16) for the student in --output_dir,
-    with selection.json.
+    with selection.json and pkt_budget.json.
 
     --target_model (or --target_config: only the student's shapes are read); --data_path defaults to
     <data_dir>/<task>/<task>_extract_split.jsonl. --accum_device cpu keeps the fp32 accumulators off the
