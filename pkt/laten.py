@@ -665,8 +665,8 @@ def _train(cfg: TrainConfig, writer: BackgroundWriter) -> str:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        snap = None     # the previous step's snapshot: its pinned blocks are reused once it is written
         budget.optimizer_steps += 1
+        snap = None     # the previous step's snapshot: its pinned blocks are reused once it is written
         writer.wait()   # that write (done by now, unless the disk is slower than a step); its error surfaces here
         check_translator_finite(translator, step, cfg.save_dir)   # never checkpoint a non-finite state
         spent = None if None in prior else add_budgets(TRAIN_METHOD, *prior, budget.record(TRAIN_METHOD))

@@ -190,6 +190,8 @@ def test_two_process_finetune_gives_the_one_process_adapter(student_dir, chat_js
 
     from safetensors.torch import load_file
 
+    from pkt.budget import read_budget
+
     data = chat_jsonl("ft_ddp.jsonl", n=8, seed=5)
     flags = ["--base_model", student_dir, "--data_path", data, "--batch_size", "4", "--micro_batch_size", "2",
              "--max_steps", "2", "--lora_dropout", "0", "--cutoff_len", "64", "--lora_target_modules",
@@ -210,6 +212,9 @@ def test_two_process_finetune_gives_the_one_process_adapter(student_dir, chat_js
     log = lambda d: [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log(tmp_path / "one")] == pytest.approx([r["loss"] for r in log(tmp_path / "two")],
                                                                        abs=1e-6)
+    # the budget counts both processes' passes and each optimizer step once
+    assert read_budget(tmp_path / "two") == read_budget(tmp_path / "one")
+    assert read_budget(tmp_path / "one")["examples"] == 2 * 4
 
 
 def test_sensitivity_with_gradient_checkpointing_recomputes_layers_and_gives_the_same_values(teacher_dir):
