@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pkt.eval import gsm, humaneval, mbpp, mmlu, nll
+from pkt.eval import gsm, humaneval, kl, mbpp, mmlu, nll
 from pkt.eval.sandbox import ISOLATION_MODES, resolve_isolation
 from pkt.io import (atomic_dir, check_model_path, check_output, fail, int_flag, number_flag, parse_list,
                     resolve_dtype, write_json, write_jsonl, write_text)
 
-REGISTRY = {m.NAME: m for m in (gsm, mmlu, humaneval, mbpp, nll)}
+REGISTRY = {m.NAME: m for m in (gsm, mmlu, humaneval, mbpp, nll, kl)}
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "eval"
 # Presets: open-instruct = its run_eval.py defaults; paper = the LaTen/SemAlign tables (zero-shot MMLU and
 # GSM8K; code as open-instruct: pass@1 from 20 samples at temperature 0.1).
@@ -59,7 +59,9 @@ class EvalConfig(_Shared):
     task, --<task>_limit one task; --limit_mode sample (seeded draw, as open-instruct) or first.
     --mmlu_per_subject K = open-instruct's --n_instances. Code tasks: --n samples at --temperature (0 =
     greedy), --top_p (default: HumanEval 0.95, MBPP 1), --timeout s per program (default: HumanEval 3, MBPP
-    10), --sandbox auto|require|off. --nll_data name=path,... for the nll task."""
+    10), --sandbox auto|require|off. --nll_data name=path,...: the held-out chats of the nll task and of the kl
+    task (mean KL(teacher || model) on their responses, from --teacher DIR; one vocabulary; --teacher_cache DIR
+    keeps the teacher's log-probs for the next model evaluated against it)."""
     model_path: str | None = None
     adapter_path: str | None = None
     tasks: str = "gsm,mmlu,humaneval,mbpp"
@@ -77,6 +79,7 @@ class EvalConfig(_Shared):
     humaneval_limit: int | None = None
     mbpp_limit: int | None = None
     nll_limit: int | None = None
+    kl_limit: int | None = None
     limit_mode: str = "sample"
     n: int = 20
     temperature: float = 0.1
@@ -85,6 +88,8 @@ class EvalConfig(_Shared):
     timeout: float | None = None
     sandbox: str = "auto"
     nll_data: str | None = None
+    teacher: str | None = None
+    teacher_cache: str | None = None
     batch_size: int = 8
     backend: str = "hf"
     tensor_parallel_size: int = 1
@@ -122,8 +127,11 @@ class EvalConfig(_Shared):
         resolve_dtype(self.dtype)
         if self.device is not None:
             _check_device(self.device)
-        if "nll" in self.task_list:
-            nll.parse_nll_data(self.nll_data)
+        for task in ("nll", "kl"):
+            if task in self.task_list:
+                nll.parse_nll_data(self.nll_data, task)
+        if "kl" in self.task_list:
+            kl.require_teacher(self)
 
     def limit_for(self, task: str) -> int | None:
         return getattr(self, f"{task}_limit") or self.limit
@@ -174,8 +182,11 @@ def check_inputs(cfg: EvalConfig) -> None:
     if not cfg.data_root.is_dir():
         fail(f"--data_dir {cfg.data_root}: no such directory")
     inputs = {"--model_path": cfg.model_path, "--adapter_path": cfg.adapter_path, "--data_dir": cfg.data_dir}
-    if "nll" in cfg.task_list:
+    if {"nll", "kl"} & set(cfg.task_list):
         inputs.update({f"--nll_data {name}": path for name, path in nll.parse_nll_data(cfg.nll_data)})
+    if "kl" in cfg.task_list:
+        check_model_path(cfg.teacher, "--teacher")
+        inputs["--teacher"] = cfg.teacher
     check_output(cfg.output_dir, "--output_dir", cfg.overwrite, inputs)
     if cfg.sandbox == "require" and {"humaneval", "mbpp"} & set(cfg.task_list):
         resolve_isolation("require")          # no bwrap: refused now, not after generating
@@ -193,7 +204,7 @@ def summary_markdown(summary: dict) -> str:
     for task, m in summary["tasks"].items():
         key = REGISTRY[task].HEADLINE
         n = m.get("n", m.get("n_tasks", m.get("n_tokens", "")))
-        val = f"{m[key]:.4f}" if key == "nll" else f"{100 * m[key]:.2f}%"
+        val = f"{m[key]:.4f}" if key in ("nll", "kl") else f"{100 * m[key]:.2f}%"
         lines.append(f"| {task} | {key} | {val} | {n} |")
     lines += ["", f"Protocol: {summary['protocol']} (each task's settings: <task>/metrics.json)."]
     return "\n".join(lines) + "\n"
