@@ -308,7 +308,7 @@ def test_compare_refuses_mixed_protocols_unless_told(tmp_path):
     with pytest.raises(PKTError, match=r"gsm: x and y differ in protocol \(open-instruct vs paper\).*--mixed_protocols"):
         compare.compare(f"x={a},y={b}", out=None, png=None)
     table = compare.compare(f"x={a},y={b}", out=None, png=None, mixed_protocols=True)
-    assert "| x | - | 25.00 |" in table and "- y: gsm: protocol=paper, shots=0, limit=4" in table
+    assert "| x | 25.00 [4.6, 69.9] |" in table and "- y: gsm: protocol=paper, shots=0, limit=4" in table
     assert "Protocols differ" not in compare.compare(f"x={a},z={_summary(tmp_path / 'c')}", out=None, png=None)
 
 
