@@ -85,7 +85,7 @@ elif [[ $PAIR == qwen ]]; then
   CODE_EVAL=",humaneval,mbpp"; N_HELDOUT=8; EVAL_BATCH=8; SIM_EXAMPLES=8
 else
   # sized to ~15 minutes on 2 shared CPU cores (docs/demo.md: each stage's measured cost)
-  LATEN_STEPS=1; N_ALIGN=3; CUTOFF=256   # one LaTen step ~110-185 s, the transfer's four exact locates ~290 s
+  LATEN_STEPS=1; N_ALIGN=3; CUTOFF=256   # one LaTen step 54 s quiet, 110-185 s with the cores shared
   POSTPKT_EXAMPLES=4; FT_STEPS=4; FT_BATCH=4
   SEMALIGN_EXAMPLES=16; SEMALIGN_BATCH=8; SEMALIGN_STEPS=2
   KD_STEPS=4; KD_BATCH=4
