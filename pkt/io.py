@@ -174,6 +174,21 @@ def parse_list(value, flag: str, cast=str, choices=None, allow_empty: bool = Fal
     return out
 
 
+def parse_named(value, flag: str, default_name=lambda v: v) -> list[tuple[str, str]]:
+    """A `name=value,name=value` flag (also a list of such items, or a dict) -> [(name, value)], order kept;
+    an item without `name=` is named `default_name(value)`. A name given twice is a one-line error."""
+    if isinstance(value, dict):
+        value = [f"{k}={v}" for k, v in value.items()]
+    out = []
+    for item in parse_list(value, flag, str, unique=False, allow_empty=True):
+        name, sep, v = item.partition("=")
+        name, v = (name.strip(), v.strip()) if sep else (default_name(name.strip()), name.strip())
+        if name in {n for n, _ in out}:
+            fail(f"{flag}: name {name!r} given twice")
+        out.append((name, v))
+    return out
+
+
 def int_flag(value, flag: str, low: int | None = None, allow_none: bool = False):
     """`value` as given on the command line, checked to be an integer (>= `low`), or a one-line error."""
     if value is None and allow_none:

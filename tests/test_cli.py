@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pkt.io import PKTError, config_entry, config_from_flags, fail, parse_list
+from pkt.io import PKTError, config_entry, config_from_flags, fail, parse_list, parse_named
 
 
 @dataclass
@@ -62,3 +62,12 @@ def test_list_flags_check_values_and_emptiness():
         parse_list("a,c", "--modules", choices=("a", "b"))
     with pytest.raises(PKTError, match="--modules is empty"):
         parse_list("", "--modules")
+
+
+def test_named_flag_items_keep_order_take_a_default_name_and_refuse_a_name_twice():
+    assert parse_named("a=x/1, b=y", "--runs") == [("a", "x/1"), ("b", "y")]
+    assert parse_named(["out/eval/student"], "--runs", default_name=lambda d: d.rsplit("/", 1)[-1]) == \
+        [("student", "out/eval/student")]
+    assert parse_named({"gsm": "h.jsonl"}, "--nll_data") == [("gsm", "h.jsonl")]
+    with pytest.raises(PKTError, match=r"^--runs: name 'a' given twice$"):
+        parse_named("a=x,a=y", "--runs")

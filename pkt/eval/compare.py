@@ -31,7 +31,8 @@ from pathlib import Path
 
 from pkt.budget import BUDGET_HEADERS, budget_cells, read_budget
 from pkt.data import load_jsonl
-from pkt.io import atomic_path, check_output, fail, write_text
+from pkt.figures import pyplot, save_fig
+from pkt.io import check_output, fail, parse_list, parse_named, write_text
 from pkt.stats import Difference, bootstrap_ci, paired_difference, wilson_interval
 
 # (column title, task, key, is a percentage)
@@ -44,28 +45,11 @@ NOISE = "≈"
 
 
 def parse_runs(runs) -> list[tuple[str, Path]]:
-    """'a=dir1,b=dir2', a list of 'name=dir' / 'dir' items, or a dict -> [(name, dir)]."""
-    if isinstance(runs, dict):
-        items = [f"{k}={v}" for k, v in runs.items()]
-    elif isinstance(runs, str):
-        items = [s for s in runs.split(",") if s.strip()]
-    elif isinstance(runs, (list, tuple)):
-        items = [str(s) for s in runs]
-    else:
-        items = []
-    if not items:
+    """'a=dir1,b=dir2', a list of 'name=dir' / 'dir' items, or a dict -> [(name, dir)] (unnamed: the dir's name)."""
+    out = parse_named(runs, "--runs", default_name=lambda d: Path(d).name) if runs else []
+    if not out:
         fail("--runs: give name=eval_dir pairs, e.g. --runs student=out/eval/student,laten=out/eval/laten")
-    out, seen = [], set()
-    for item in items:
-        name, _, d = item.strip().partition("=")
-        if not d:
-            name, d = Path(name).name, name
-        name = name.strip()
-        if name in seen:
-            fail(f"--runs: name {name!r} given twice")
-        seen.add(name)
-        out.append((name, Path(d.strip())))
-    return out
+    return [(name, Path(d)) for name, d in out]
 
 
 def parse_controls(controls, names) -> dict[str, list[str]]:
@@ -77,7 +61,7 @@ def parse_controls(controls, names) -> dict[str, list[str]]:
         pairs = [(k, v if isinstance(v, (list, tuple)) else str(v).split("+")) for k, v in controls.items()]
     else:
         pairs = []
-        for item in (controls if isinstance(controls, (list, tuple)) else str(controls).split(",")):
+        for item in parse_list(controls, "--controls", unique=False):
             row, sep, ctrl = str(item).strip().partition("=")
             if not sep or not ctrl.strip():
                 fail(f"--controls {item!r}: expected row=control or row=control1+control2")
@@ -310,11 +294,7 @@ def protocol_notes(summaries: dict[str, dict]) -> str:
 def plot_scores(rows: dict[str, Run], out) -> str:
     """Grouped bars with their 95 % intervals: one group per metric, one bar per model (NLL and KL in their
     own panel)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     present = [m for m in METRICS if any(r.values.get(m[0]) is not None for r in rows.values())]
     pct = [m[0] for m in present if m[3]]
     other = [m[0] for m in present if not m[3]]
@@ -344,11 +324,7 @@ def plot_scores(rows: dict[str, Run], out) -> str:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Parametric knowledge transfer: evaluation (bars: 95 % intervals)")
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return str(out)
+    return save_fig(fig, out)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from pkt.data import collate_left, load_chat_jsonl, tokenize_example
 from pkt.eval.common import select
-from pkt.io import fail
+from pkt.io import fail, parse_named
 
 NAME = "nll"
 HEADLINE = "nll"
@@ -18,21 +18,10 @@ CUTOFF_LEN = 768
 
 
 def parse_nll_data(nll_data, task: str = NAME) -> list[tuple[str, str]]:
-    """'path', 'name=path,name=path', a list/tuple of those, or a dict -> [(name, path)]."""
-    if nll_data is None or nll_data == "":
+    """'path', 'name=path,name=path', a list/tuple of those, or a dict -> [(name, path)] (unnamed: 'data')."""
+    out = parse_named(nll_data, "--nll_data", default_name=lambda _: "data") if nll_data not in (None, "") else []
+    if not out:
         fail(f"--tasks {task} needs --nll_data PATH (or name=path,name=path): the held-out chats it reads")
-    if isinstance(nll_data, dict):
-        items = [f"{k}={v}" for k, v in nll_data.items()]
-    elif isinstance(nll_data, (list, tuple)):
-        items = [str(x) for x in nll_data]
-    else:
-        items = [s for s in str(nll_data).split(",") if s.strip()]
-    out = []
-    for item in items:
-        name, sep, path = item.strip().partition("=")
-        out.append((name.strip(), path.strip()) if sep else ("data", name.strip()))
-    if len({n for n, _ in out}) != len(out):
-        fail(f"--nll_data {nll_data!r}: dataset names must be distinct")
     return out
 
 
