@@ -10,7 +10,7 @@ reading: pkt/eval/compare.py; flags: `python compare.py --help`.
 """
 from __future__ import annotations
 
-from pkt.eval.compare import CompareConfig, compare, main  # noqa: F401  (compare: the tests' entry)
+from pkt.eval.compare import CompareConfig, main
 from pkt.io import run_cli
 
 if __name__ == "__main__":

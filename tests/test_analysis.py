@@ -77,7 +77,7 @@ def test_neurons_figure(tmp_path):
 
 
 def test_compare_table_and_bars(tmp_path, capsys):
-    import compare
+    from pkt.eval import compare
 
     a = _summary(tmp_path / "student", {"gsm": {"accuracy": 0.25}, "mmlu": {"accuracy": 0.5},
                                         "nll": {"nll": 2.5}})

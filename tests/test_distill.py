@@ -256,7 +256,7 @@ def test_budget_cells_are_compact():
 
 
 def test_compare_shows_each_methods_budget_from_its_model_directory(tmp_path, capsys):
-    import compare
+    from pkt.eval import compare
 
     model = tmp_path / "kd_model"
     write_budget(model, "GKD", **dict.fromkeys(COUNTS, 1000))

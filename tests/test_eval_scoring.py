@@ -301,7 +301,7 @@ def _summary(d, protocol="open-instruct", shots=8):
 
 
 def test_compare_refuses_mixed_protocols_unless_told(tmp_path):
-    import compare
+    from pkt.eval import compare
 
     a = _summary(tmp_path / "a")
     b = _summary(tmp_path / "b", "paper", 0)
@@ -313,7 +313,7 @@ def test_compare_refuses_mixed_protocols_unless_told(tmp_path):
 
 
 def test_compare_outputs_replace_nothing_without_overwrite(tmp_path):
-    import compare
+    from pkt.eval import compare
 
     a = _summary(tmp_path / "a")
     md = tmp_path / "t.md"
