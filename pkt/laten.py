@@ -140,12 +140,9 @@ def teacher_budget(source_model, target_model, dtype, student_device) -> dict:
     from pkt import placement
     from pkt.io import meta_model
 
-    gpus, idx = placement.visible_gpus(), placement.device_index(student_device)
-    reserve = {}
-    if idx in gpus:
-        reserve[idx] = student_reserve(meta_model(source_model, "--source_model"),
-                                       meta_model(target_model, "--target_model"), placement.element_size(dtype))
-    return placement.max_memory(gpus, placement.free_cpu_memory(), reserve=reserve)
+    return placement.beside_student(student_device, lambda: student_reserve(
+        meta_model(source_model, "--source_model"), meta_model(target_model, "--target_model"),
+        placement.element_size(dtype)))
 
 
 def enable_checkpointing(student) -> None:

@@ -84,6 +84,15 @@ def max_memory(gpus: dict[int, int], cpu: int, reserve: dict[int, int] | None = 
     return out
 
 
+def beside_student(student_device, student_bytes) -> dict:
+    """`max_memory` for a teacher placed with `--teacher_device auto` next to a student: every visible GPU and
+    the CPU, the student's GPU (when it is one of them) keeping `student_bytes()` (called only then: it builds
+    meta models) for the student's own work."""
+    gpus, idx = visible_gpus(), device_index(student_device)
+    reserve = {idx: student_bytes()} if idx in gpus else {}
+    return max_memory(gpus, free_cpu_memory(), reserve=reserve)
+
+
 def plan_device_map(model, budget: dict, dtype) -> dict:
     """accelerate's `infer_auto_device_map` of `model` (a meta-device model is enough) in `dtype` under
     `budget`, decoder layers never split. Disk offload is refused with a one-line error."""

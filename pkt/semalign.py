@@ -952,16 +952,14 @@ def teacher_budget(cfg: SemAlignConfig, dtype, student_device) -> dict:
     from pkt import placement
     from pkt.io import meta_model
 
-    gpus, idx = placement.visible_gpus(), placement.device_index(student_device)
-    reserve = {}
-    if idx in gpus:
+    def student_bytes() -> int:
         t, s = meta_model(cfg.source_model, "--source_model"), meta_model(cfg.target_model, "--target_model")
-        plan = memory_plan(cfg.variant, t.config, s.config, cfg.micro_batch_size, cfg.cutoff_len,
+        return memory_plan(cfg.variant, t.config, s.config, cfg.micro_batch_size, cfg.cutoff_len,
                            placement.element_size(dtype), 0, sum(p.numel() for p in s.parameters()),
                            sum(p.numel() for p in s.model.layers[0].parameters()),
-                           cfg.n_critical if cfg.variant == "v1" else 1)
-        reserve[idx] = plan["peak"]
-    return placement.max_memory(gpus, placement.free_cpu_memory(), reserve=reserve)
+                           cfg.n_critical if cfg.variant == "v1" else 1)["peak"]
+
+    return placement.beside_student(student_device, student_bytes)
 
 
 # -------------------------------------------------------------------------------------- training
